@@ -1,0 +1,3 @@
+from femb.cli import main
+
+raise SystemExit(main())
