@@ -1,0 +1,88 @@
+"""The `femb` command line (also `python -m femb`): one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from femb import __version__
+from femb.errors import FembError
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from femb.data.synth import synthesize
+
+    sizes = {
+        "identities": args.identities,
+        "images_per_identity": args.images_per_identity,
+        "pairs": args.pairs,
+    }
+    summary = synthesize(Path(args.dir), seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    print(json.dumps(summary))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from femb.data.shards import convert
+
+    manifest = convert(
+        Path(args.src),
+        Path(args.out),
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        verify=args.verify,
+    )
+    shards = manifest["shards"]
+    print(
+        f"femb convert: {manifest['num_images']} images of {manifest['num_classes']} identities "
+        f"in {len(shards)} shard(s), {len(manifest.get('pairs', {}))} pair set(s) -> {args.out}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="femb", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"femb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a demo face dataset in the InsightFace layout")
+    p.add_argument("dir", help="output directory (train.rec/.idx/property and .bin pair sets)")
+    p.add_argument("--identities", type=int, default=None, help="training identities")
+    p.add_argument("--images-per-identity", type=int, default=None, help="images per training identity")
+    p.add_argument("--pairs", type=int, default=None, help="pairs per verification set")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("convert", help="InsightFace RecordIO + .bin -> Parquet shards")
+    p.add_argument("src", help="directory with train.rec, train.idx, property and *.bin")
+    p.add_argument("out", help="output directory for the shards, pair files and manifest.json")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core)")
+    p.add_argument("--verify", action="store_true", help="decode every image and report corrupt ones")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def _command_name(argv: Sequence[str]) -> str:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return f"femb {arg}"
+    return "femb"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command; a user error prints one line to stderr and returns 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except FembError as err:
+        print(f"{_command_name(argv)}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_command_name(argv)}: interrupted", file=sys.stderr)
+        return 130
+    return 0
