@@ -41,6 +41,22 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from femb.embed import run_embed
+
+    summary = run_embed(
+        args.backbone,
+        Path(args.weights),
+        Path(args.output),
+        [Path(p) for p in args.images],
+        batch_size=args.batch_size,
+        flip=args.flip,
+        normalize=args.normalize,
+        device=args.device,
+    )
+    print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="femb", description=__doc__)
@@ -62,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core)")
     p.add_argument("--verify", action="store_true", help="decode every image and report corrupt ones")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("embed", help="embed aligned 112x112 face crops into an N x D .npy")
+    p.add_argument(
+        "images", nargs="+", help="aligned face crops (any format PIL reads; other sizes are resized)"
+    )
+    p.add_argument(
+        "--weights", required=True, help="backbone.pth, model.pt, femb/Lightning checkpoint or .onnx"
+    )
+    p.add_argument(
+        "--backbone", default=None, help="architecture (default: read from or inferred by the weights)"
+    )
+    p.add_argument("--output", "-o", required=True, help="output .npy file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--flip", action="store_true", help="add the embedding of the mirrored image (as evaluation does)"
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=_cmd_embed)
     return parser
 
 

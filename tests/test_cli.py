@@ -18,7 +18,7 @@ def test_python_dash_m_femb_prints_version():
 
 
 def test_every_subcommand_has_help():
-    for command in ("synth", "convert"):
+    for command in ("synth", "convert", "embed"):
         result = run_femb(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"femb {command}" in result.stdout
@@ -39,3 +39,49 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
 def test_main_returns_nonzero_on_user_error(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "absent"), str(tmp_path / "out")]) == 1
     assert "absent" in capsys.readouterr().err
+
+
+def _save_faces(directory, count):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = directory / f"face{i}.png"
+        Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_embed_command_writes_the_embeddings_of_its_images(tmp_path):
+    import numpy as np
+    import torch
+
+    from femb.backbones import create_backbone
+    from femb.embed import embed_images
+    from femb.weights import save_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("mbf").eval()
+    weights = save_backbone(model, tmp_path / "backbone.pth", "mbf")
+    faces = _save_faces(tmp_path, 3)
+    out = tmp_path / "emb.npy"
+    result = run_femb("embed", *map(str, faces), "--weights", str(weights), "--output", str(out), "--flip")
+    assert result.returncode == 0, result.stderr
+    embeddings = np.load(out)
+    assert embeddings.shape == (3, 512) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(embeddings, embed_images(model, faces, flip=True), atol=1e-4)
+
+
+def test_embed_command_names_an_unreadable_image(tmp_path):
+    from femb.backbones import create_backbone
+    from femb.weights import save_backbone
+
+    weights = save_backbone(create_backbone("mbf"), tmp_path / "backbone.pth", "mbf")
+    (bad := tmp_path / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "emb.npy"
+    result = run_femb("embed", str(bad), "--weights", str(weights), "--output", str(out))
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
