@@ -1,0 +1,120 @@
+"""The LightningModule: a backbone trained through a margin head (the arcface_torch recipe)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from femb.backbones import create_backbone
+from femb.errors import FembError
+from femb.headers import build_header
+from femb.training.schedule import lr_factor
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class FaceRecognitionModule(L.LightningModule):
+    """Backbone + margin head, trained with the head's loss on identity labels.
+
+    Defaults follow arcface_torch: SGD, momentum 0.9, weight decay 5e-4 on the backbone and on the
+    class centres alike, linear warmup then polynomial decay, stepped per optimizer step.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "iresnet50",
+        header: str = "arcface",
+        embedding_size: int = 512,
+        backbone_kwargs: dict[str, Any] | None = None,
+        header_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: str = "poly",
+        warmup_steps: int = 0,
+        poly_power: float = 2.0,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise FembError(
+                f"train.optimizer: '{optimizer}' is not supported; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if lr <= 0:
+            raise FembError(f"train.lr: must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.backbone = create_backbone(backbone, num_features=embedding_size, **(backbone_kwargs or {}))
+        self.header = build_header(header, embedding_size, num_classes, **(header_kwargs or {}))
+        if channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.compile()  # in place: the state dict keeps the official key names
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Raw (unnormalised) embeddings of normalised RGB images."""
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = self.header.loss(self(images), labels)
+        if not torch.isfinite(loss):
+            raise FembError(self._nonfinite_message(loss))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def _nonfinite_message(self, loss: Tensor) -> str:
+        precision = getattr(self.trainer, "precision", "32-true") if self._trainer is not None else "32-true"
+        return (
+            f"training diverged: the loss is {loss.item()} at step {self.global_step} "
+            f"(lr={self.hparams.lr}, precision={precision}); lower train.lr or add warmup, or use "
+            "precision 32-true / bf16-mixed instead of 16-mixed; the last good checkpoint is kept"
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+        total_steps = int(total) if math.isfinite(total) else 0
+        factor = partial(
+            lr_factor,
+            total_steps=total_steps,
+            warmup_steps=hp.warmup_steps,
+            schedule=hp.schedule,
+            power=hp.poly_power,
+            milestones=tuple(hp.milestones),
+            gamma=hp.gamma,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Random margins (ElasticFace) and dropout draw from the global generator; keep it for exact resume.
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["femb_rng"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("femb_rng")
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
