@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from femb.backbones import IRESNET_LAYERS, canonical_backbone_name, create_backbone
+from femb.backbones.iresnet import TINY_WIDTHS
 from femb.backbones.mobilefacenet import MBF_BLOCKS, MBF_LARGE_BLOCKS, MBF_LARGE_SCALE, MBF_SCALE
 from femb.errors import FembError
 
@@ -105,6 +106,8 @@ def infer_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any
         for name, layers in IRESNET_LAYERS.items():
             if counts == layers:
                 return name, _structural_kwargs(name, state_dict)
+        if counts == (1, 1, 1, 1) and state_dict["conv1.weight"].shape[0] == TINY_WIDTHS[0]:
+            return "iresnet_tiny", _structural_kwargs("iresnet_tiny", state_dict)
         known = ", ".join(f"{n} {layers}" for n, layers in IRESNET_LAYERS.items())
         raise FembError(f"an IResNet with blocks per stage {counts} is not one of {known}")
     if "conv_sep.layers.0.weight" in state_dict and "features.layers.2.weight" in state_dict:

@@ -315,3 +315,11 @@ def test_broken_onnx_file_is_named(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"\x00\x01garbage")
     with pytest.raises(FembError, match=r"broken\.onnx: not a loadable ONNX model"):
         load_backbone(tmp_path / "broken.onnx")
+
+
+def test_iresnet_tiny_is_inferred_from_its_state_dict(tmp_path):
+    model = create_backbone("iresnet_tiny", num_features=64)
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    loaded = load_backbone(tmp_path / "tiny.pth")
+    assert loaded.fc.out_features == 64
+    assert loaded.conv1.stride == (2, 2)

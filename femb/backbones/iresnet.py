@@ -28,6 +28,7 @@ IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 BN_EPS = 1e-5  # arcface_torch passes eps=1e-05 to every BatchNorm
 FC_SCALE = 7 * 7  # spatial size after four stride-2 stages on a 112x112 input
+TINY_WIDTHS = (16, 32, 64, 128)
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -91,21 +92,31 @@ class IResNet(nn.Module):
         dropout: float = 0.0,
         zero_init_residual: bool = False,
         gradient_checkpointing: bool = False,
+        widths: Sequence[int] = STAGE_WIDTHS,
+        stem_stride: int = 1,
+        input_size: int = 112,
     ):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {tuple(layers)}")
+        if len(widths) != 4 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be four positive channel counts, got {tuple(widths)}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.gradient_checkpointing = gradient_checkpointing
-        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0], eps=BN_EPS)
-        self.prelu = nn.PReLU(STAGE_WIDTHS[0])
-        inplanes = STAGE_WIDTHS[0]
-        for index, (planes, blocks) in enumerate(zip(STAGE_WIDTHS, layers), start=1):
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0], eps=BN_EPS)
+        self.prelu = nn.PReLU(widths[0])
+        inplanes = widths[0]
+        for index, (planes, blocks) in enumerate(zip(widths, layers), start=1):
             setattr(self, f"layer{index}", self._make_stage(inplanes, planes, blocks))
             inplanes = planes
-        self.bn2 = nn.BatchNorm2d(STAGE_WIDTHS[-1], eps=BN_EPS)
+        side = -(-input_size // stem_stride)
+        for _ in range(4):
+            side = -(-side // 2)  # each stage's 3x3 stride-2 convolution (padding 1) rounds up
+        self.bn2 = nn.BatchNorm2d(widths[-1], eps=BN_EPS)
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(STAGE_WIDTHS[-1] * FC_SCALE, num_features)
+        self.fc = nn.Linear(widths[-1] * side * side, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=BN_EPS)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False  # the embedding BN only shifts, as in arcface_torch
@@ -207,3 +218,25 @@ def iresnet200(
     """IResNet-200: blocks per stage (6, 26, 60, 6)."""
     layers = IRESNET_LAYERS["iresnet200"]
     return IResNet(layers, num_features, dropout, zero_init_residual, gradient_checkpointing)
+
+
+def iresnet_tiny(
+    num_features: int = 512,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+    gradient_checkpointing: bool = False,
+) -> IResNet:
+    """A CPU-sized IResNet for demos and tests: one block per stage, widths (16, 32, 64, 128), stride-2 stem.
+
+    Same blocks and names as the official depths, about 1/60 of IResNet-18's multiply-adds; not a
+    published architecture, so official checkpoints never match it.
+    """
+    return IResNet(
+        (1, 1, 1, 1),
+        num_features,
+        dropout,
+        zero_init_residual,
+        gradient_checkpointing,
+        widths=TINY_WIDTHS,
+        stem_stride=2,
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from femb.backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
+from femb.backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200, iresnet_tiny
 from femb.backbones.mobilefacenet import mobilefacenet, mobilefacenet_large
 from femb.errors import FembError
 
@@ -18,6 +18,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "iresnet50": iresnet50,
     "iresnet100": iresnet100,
     "iresnet200": iresnet200,
+    "iresnet_tiny": iresnet_tiny,
     "mobilefacenet": mobilefacenet,
     "mobilefacenet_large": mobilefacenet_large,
 }
