@@ -57,6 +57,15 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from femb.config import load_params
+    from femb.training.run import train
+
+    summary = train(load_params(args.params, args.set))
+    if summary:  # rank 0 only
+        print(json.dumps(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="femb", description=__doc__)
@@ -97,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("train", help="train a backbone + head on Parquet shards (resumes a cut-short run)")
+    p.add_argument(
+        "--params", default="params.yaml", help="params file (default params.yaml; missing: defaults)"
+    )
+    p.add_argument(
+        "--set",
+        "-S",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. train.lr=0.05",
+    )
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

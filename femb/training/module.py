@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,7 @@ from torch import Tensor
 from femb.backbones import create_backbone
 from femb.errors import FembError
 from femb.headers import build_header
+from femb.training.partial_fc import PartialFC, shard_range
 from femb.training.schedule import lr_factor
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -45,6 +47,8 @@ class FaceRecognitionModule(L.LightningModule):
         gamma: float = 0.1,
         channels_last: bool = False,
         compile: bool = False,
+        partial_fc: bool = False,
+        sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -56,10 +60,25 @@ class FaceRecognitionModule(L.LightningModule):
         self.save_hyperparameters()
         self.backbone = create_backbone(backbone, num_features=embedding_size, **(backbone_kwargs or {}))
         self.header = build_header(header, embedding_size, num_classes, **(header_kwargs or {}))
+        self.partial_fc: PartialFC | None = None
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if compile:
             self.backbone.compile()  # in place: the state dict keeps the official key names
+
+    def setup(self, stage: str) -> None:
+        """With partial FC, keep only this rank's shard of the class centres, outside DDP's gradient sync."""
+        hp = self.hparams
+        if not hp.partial_fc or self.partial_fc is not None:
+            return
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        if world_size > 1:
+            start, end = shard_range(hp.num_classes, rank, world_size)
+            self.header = build_header(hp.header, hp.embedding_size, end - start, **(hp.header_kwargs or {}))
+        self.partial_fc = PartialFC(self.header, hp.num_classes, hp.sample_rate, rank, world_size)
+        self._ddp_params_and_buffers_to_ignore = [
+            f"header.{name}" for name, _ in [*self.header.named_parameters(), *self.header.named_buffers()]
+        ]
 
     def forward(self, images: Tensor) -> Tensor:
         """Raw (unnormalised) embeddings of normalised RGB images."""
@@ -69,7 +88,11 @@ class FaceRecognitionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = self.header.loss(self(images), labels)
+        embeddings = self(images)
+        if self.partial_fc is not None:
+            loss = self.partial_fc.loss(embeddings, labels)
+        else:
+            loss = self.header.loss(embeddings, labels)
         if not torch.isfinite(loss):
             raise FembError(self._nonfinite_message(loss))
         self.log("train/loss", loss, prog_bar=True)
@@ -105,7 +128,22 @@ class FaceRecognitionModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _shard_file(self, step: int) -> Path:
+        directory = Path(self.trainer.checkpoint_callback.dirpath or self.trainer.default_root_dir)
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        return directory / "partial_fc" / f"step{step:09d}-rank{rank}-of-{world_size}.pt"
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.partial_fc is not None and self.trainer.world_size > 1:
+            # Each rank holds different class centres: every rank writes its own shard (PartialFC v2 style).
+            path = self._shard_file(self.global_step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(self.header.state_dict(), tmp)
+            tmp.replace(path)
+            checkpoint["femb_partial_fc"] = {"world_size": self.trainer.world_size, "step": self.global_step}
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("header.")]:
+                del checkpoint["state_dict"][key]
         # Random margins (ElasticFace) and dropout draw from the global generator; keep it for exact resume.
         state = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -113,6 +151,18 @@ class FaceRecognitionModule(L.LightningModule):
         checkpoint["femb_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        shards = checkpoint.get("femb_partial_fc")
+        if shards is not None:
+            if self._trainer is None or shards["world_size"] != self.trainer.world_size:
+                raise FembError(
+                    f"this checkpoint's class centres are split over {shards['world_size']} ranks; "
+                    "resume it with the same number of devices x nodes"
+                )
+            path = self._shard_file(shards["step"])
+            if not path.exists():
+                raise FembError(f"{path}: the partial FC shard of this rank is missing")
+            shard = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint["state_dict"].update({f"header.{k}": v for k, v in shard.items()})
         state = checkpoint.get("femb_rng")
         if state is not None:
             torch.set_rng_state(state["torch"])

@@ -1,0 +1,224 @@
+"""The params schema (pydantic): the one source of defaults; params.yaml only overrides.
+
+Every section refuses unknown keys, and a bad value fails with one line that names its dotted key
+(``params.yaml: train.precision: ...``). Head hyper-parameters default to the heads' own constructor
+defaults (the papers' values), so they are not repeated here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from femb.backbones import canonical_backbone_name, list_backbones
+from femb.errors import FembError
+from femb.headers import build_header, header_defaults, list_headers
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+class Section(BaseModel):
+    """A params section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthParams(Section):
+    """`femb synth` sizes for the demo dataset."""
+
+    identities: int = Field(300, ge=2)
+    images_per_identity: int = Field(20, ge=2)
+    pairs: int = Field(600, ge=10)
+    seed: int = Field(0, ge=0)
+
+
+class DataParams(Section):
+    """Where the InsightFace source lives and where its Parquet shards go."""
+
+    source: Path = Path("data/demo")
+    shards: Path = Path("data/shards")
+    synth: SynthParams = SynthParams()
+    shard_size_mb: float = Field(256.0, gt=0)
+    workers: int = Field(0, ge=0)
+
+
+class PartialFCParams(Section):
+    """Partial FC: class centres sharded across ranks, a sampled fraction of negatives."""
+
+    enabled: bool = False
+    sample_rate: float = Field(1.0, gt=0, le=1)
+
+
+class TrainParams(Section):
+    """Optimisation and hardware (arcface_torch defaults where they apply)."""
+
+    out_dir: Path = Path("models/train")
+    batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(8192, ge=0)
+    max_epochs: int = Field(20, ge=1)
+    max_steps: int = Field(-1, ge=-1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["poly", "cosine", "step", "constant"] = "poly"
+    warmup_steps: int = Field(0, ge=0)
+    poly_power: float = Field(2.0, gt=0)
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0, le=1)
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    gradient_clip: float = Field(5.0, ge=0)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    channels_last: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(200, ge=1)
+    val_every: int = Field(200, ge=1)
+    val_sets: list[str] = []
+    partial_fc: PartialFCParams = PartialFCParams()
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        if value not in PRECISIONS:
+            raise ValueError(f"'{value}' is not a precision; choose one of {', '.join(PRECISIONS)}")
+        return value
+
+
+class EvaluateParams(Section):
+    """The verification sets and batch size of the evaluate stage."""
+
+    sets: list[str] = []
+    batch_size: int = Field(128, ge=1)
+    far_targets: list[float] = [1e-4, 1e-3, 1e-2]
+
+
+class ExportParams(Section):
+    """ONNX export settings."""
+
+    output: Path = Path("models/model.onnx")
+    fp16: bool = False
+    opset: int = Field(17, ge=11)
+
+
+class CompareParams(Section):
+    """Heads trained one after another by `flows.compare`."""
+
+    headers: list[str] = ["arcface", "cosface", "magface"]
+
+
+class Params(Section):
+    """Everything params.yaml may set; `header` picks the trained head, `headers.<name>` its hyper-parameters."""
+
+    header: str = "arcface"
+    backbone: str = "iresnet_tiny"
+    embedding_size: int = Field(512, ge=2)
+    headers: dict[str, dict[str, Any]] = {}
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    compare: CompareParams = CompareParams()
+
+    @field_validator("header")
+    @classmethod
+    def _known_header(cls, value: str) -> str:
+        if value not in list_headers():
+            raise ValueError(f"'{value}' is not a head; choose one of {', '.join(list_headers())}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        try:
+            canonical_backbone_name(value)
+        except FembError:
+            raise ValueError(
+                f"'{value}' is not a backbone; choose one of {', '.join(list_backbones(aliases=True))}"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _heads_build(self) -> Params:
+        for name, hparams in self.headers.items():
+            if name not in list_headers():
+                raise ValueError(f"headers.{name}: not a head; choose one of {', '.join(list_headers())}")
+            try:
+                build_header(name, 8, 2, **(hparams or {}))
+            except FembError as err:
+                raise ValueError(f"headers.{name}: {err}") from None
+        for name in self.compare.headers:
+            if name not in list_headers():
+                raise ValueError(f"compare.headers: '{name}' is not a head; choose one of {', '.join(list_headers())}")
+        return self
+
+    def header_hparams(self, name: str | None = None) -> dict[str, Any]:
+        """The hyper-parameters of head `name` (default: the trained one): its defaults, then params.yaml."""
+        name = name or self.header
+        return {**header_defaults(name), **(self.headers.get(name) or {})}
+
+    def total_steps_hint(self) -> float:
+        """max_steps if set, else infinity (the trainer derives it from epochs)."""
+        return self.train.max_steps if self.train.max_steps > 0 else math.inf
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",):
+        message = f"{message} (got {first['input']!r})"
+    return f"{source}: {key}: {message}"
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a params mapping; the first problem becomes a FembError naming its dotted key."""
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as err:
+        raise FembError(_describe(err, source)) from None
+
+
+def set_dotted(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.sub=value` override (value parsed as YAML), as `dvc exp run -S` does."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise FembError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.05")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FembError(f"--set {assignment!r}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (missing file: all defaults), apply `key=value` overrides, validate."""
+    path = Path(path)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise FembError(f"{path}: not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise FembError(f"{path}: expected a mapping of keys at the top level")
+    for assignment in overrides or []:
+        set_dotted(data, assignment)
+    return parse_params(data, str(path))

@@ -1,0 +1,109 @@
+"""Training callbacks: periodic verification on pair sets, throughput, and the exported backbone."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from femb.evaluation.pairsets import load_pair_set, verify_pair_set
+from femb.weights import save_backbone
+
+
+class PeriodicVerification(L.Callback):
+    """Every `every_n_steps` optimizer steps and at the last one, run the InsightFace protocol on each set.
+
+    Logs `val/<set>/accuracy`, `.../tar_at_far_1e-03` (and the other FARs), `.../xnorm`, and
+    `val/accuracy`, the mean over sets, which the best checkpoint is chosen by. Rank 0 evaluates and
+    broadcasts the numbers so every rank logs the same values.
+    """
+
+    def __init__(self, sets: Sequence[Path | str], every_n_steps: int, batch_size: int = 128) -> None:
+        self.sets = [Path(s) for s in sets]
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.history: list[dict[str, Any]] = []
+        self._last_step = -1
+
+    def _is_last_step(self, trainer: L.Trainer) -> bool:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
+        return bool(last_epoch and trainer.is_last_batch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not self.sets or step == self._last_step or step == 0:
+            return
+        if step % self.every_n_steps and not self._is_last_step(trainer):
+            return
+        self._last_step = step
+        metrics = self.evaluate(pl_module) if trainer.is_global_zero else {}
+        metrics = trainer.strategy.broadcast(metrics, src=0)
+        for key, value in metrics.items():  # for ModelCheckpoint(monitor=...) and the progress bar
+            pl_module.log(
+                key, value, on_step=True, on_epoch=False, logger=False, prog_bar=key == "val/accuracy"
+            )
+        for logger in trainer.loggers:  # now, not at the next logging interval (it may never come)
+            logger.log_metrics(metrics, step=step)
+        self.history.append({"step": step, **metrics})
+
+    def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Flat metrics of every set (and their mean accuracy) for the current backbone."""
+        metrics: dict[str, float] = {}
+        accuracies = []
+        for path in self.sets:
+            pair_set = load_pair_set(path, progress=False)
+            result = verify_pair_set(pl_module.backbone, pair_set, batch_size=self.batch_size, progress=False)
+            prefix = f"val/{pair_set.name}"
+            metrics[f"{prefix}/accuracy"] = result["accuracy"]
+            for far, tar in result["tar_at_far"].items():
+                metrics[f"{prefix}/tar_at_far_{far}"] = tar
+            metrics[f"{prefix}/xnorm"] = result["xnorm"]
+            accuracies.append(result["accuracy"])
+        metrics["val/accuracy"] = float(sum(accuracies) / len(accuracies))
+        return metrics
+
+
+class Throughput(L.Callback):
+    """Logs `train/images_per_sec`: images of the global batch over the wall time of each step."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._start = 0.0
+        self.images = 0
+        self.seconds = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        elapsed = time.perf_counter() - self._start
+        images = self.batch_size * trainer.world_size
+        self.images += images
+        self.seconds += elapsed
+        if elapsed > 0:
+            pl_module.log("train/images_per_sec", images / elapsed, on_step=True, on_epoch=False)
+
+    @property
+    def mean_images_per_sec(self) -> float:
+        """Images per second over every step so far (data loading between steps excluded)."""
+        return self.images / self.seconds if self.seconds else math.nan
+
+
+class BackboneExport(L.Callback):
+    """At the end of training, rank 0 writes `backbone.pth`: a plain state dict with official key names."""
+
+    def __init__(self, path: Path | str, backbone: str) -> None:
+        self.path = Path(path)
+        self.backbone = backbone
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with torch.no_grad():
+                save_backbone(pl_module.backbone, self.path, self.backbone, plain=True)

@@ -1,0 +1,70 @@
+"""LightningDataModule over the Parquet shards: per-epoch reshuffle, rank split, exact mid-epoch resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from femb.data.loader import make_train_loader, read_num_classes
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training batches from `femb convert` shards; every rank gets the same number of batches.
+
+    The loader's position (epoch, batches consumed) goes into each checkpoint, so a run restarted
+    from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        shards_dir: Path | str,
+        batch_size: int,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.shards_dir = Path(shards_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self._resume: dict[str, int] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Identities in the shards (the manifest's count, checked against the labels)."""
+        return read_num_classes(self.shards_dir)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        loader = make_train_loader(
+            self.shards_dir,
+            self.batch_size,
+            self.num_workers,
+            seed=self.seed,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            shuffle_buffer=self.shuffle_buffer,
+            pin_memory=torch.cuda.is_available()
+            and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
+        )
+        epoch = trainer.current_epoch
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == epoch and resume["batches_done"] < len(loader):
+            loader.dataset.resume(epoch, resume["batches_done"])
+        else:
+            loader.dataset.set_epoch(epoch)
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved from a batch-end hook: `ready` counts the batches of this epoch that have been trained on.
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": int(progress.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}

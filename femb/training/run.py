@@ -1,0 +1,192 @@
+"""Run a training job from validated params: the Trainer, its callbacks, logger, and automatic resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+from femb.config import Params
+from femb.errors import FembError
+from femb.io import write_json
+from femb.training.callbacks import BackboneExport, PeriodicVerification, Throughput
+from femb.training.datamodule import ShardDataModule
+from femb.training.module import FaceRecognitionModule
+
+# The loader is resumable through the data module's state, which Lightning's check does not see.
+warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+
+
+def default_val_sets(shards: Path) -> list[Path]:
+    """The pair sets `femb convert` wrote next to the shards (every `<name>.parquet` but the shards)."""
+    return sorted(p for p in shards.glob("*.parquet") if not p.name.startswith("train-"))
+
+
+def _fingerprint(params: Params) -> str:
+    """What must not change for a run to be resumed: everything but the hardware and logging knobs."""
+    relevant = params.model_dump(mode="json", exclude={"evaluate", "export", "compare"})
+    for key in (
+        "devices",
+        "num_nodes",
+        "accelerator",
+        "strategy",
+        "num_workers",
+        "checkpoint_every",
+        "val_every",
+    ):
+        relevant["train"].pop(key, None)
+    relevant["data"] = {"shards": relevant["data"]["shards"]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_module(params: Params, num_classes: int) -> FaceRecognitionModule:
+    """The LightningModule of `params` for a dataset of `num_classes` identities."""
+    t = params.train
+    backbone_kwargs: dict[str, Any] = {}
+    if t.dropout:
+        backbone_kwargs["dropout"] = t.dropout
+    if t.gradient_checkpointing:
+        backbone_kwargs["gradient_checkpointing"] = True
+    return FaceRecognitionModule(
+        num_classes=num_classes,
+        backbone=params.backbone,
+        header=params.header,
+        embedding_size=params.embedding_size,
+        backbone_kwargs=backbone_kwargs,
+        header_kwargs=params.header_hparams(),
+        optimizer=t.optimizer,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        schedule=t.schedule,
+        warmup_steps=t.warmup_steps,
+        poly_power=t.poly_power,
+        milestones=t.milestones,
+        gamma=t.gamma,
+        channels_last=t.channels_last,
+        compile=t.compile,
+        partial_fc=t.partial_fc.enabled,
+        sample_rate=t.partial_fc.sample_rate,
+    )
+
+
+def _resume_checkpoint(out_dir: Path, fingerprint: str) -> Path | None:
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    stamp = out_dir / "run.json"
+    recorded = json.loads(stamp.read_text()).get("fingerprint") if stamp.exists() else None
+    if recorded != fingerprint:
+        raise FembError(
+            f"{out_dir}: holds a checkpoint of another configuration; delete it or set train.out_dir elsewhere"
+        )
+    return last
+
+
+def train(
+    params: Params,
+    callbacks: Sequence[L.Callback] = (),
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train `params.backbone` with `params.header` on `params.data.shards`; resume if a run was cut short.
+
+    Returns the summary on rank 0 and {} on the other ranks. Writes under `train.out_dir`: `checkpoints/last.ckpt` (every `checkpoint_every` steps and at the
+    end), `checkpoints/best.ckpt` (by mean verification accuracy), `backbone.pth` (official key
+    names), `dvclive/` metrics and plots, and `summary.json`. Returns the summary.
+    """
+    t = params.train
+    out_dir = t.out_dir
+    shards = params.data.shards
+    data = ShardDataModule(shards, t.batch_size, t.num_workers, seed=t.seed, shuffle_buffer=t.shuffle_buffer)
+    num_classes = data.num_classes
+    val_sets = [Path(s) for s in t.val_sets] or default_val_sets(shards)
+    fingerprint = _fingerprint(params)
+    resume = _resume_checkpoint(out_dir, fingerprint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run.json").write_text(
+        json.dumps({"fingerprint": fingerprint, "params": params.model_dump(mode="json")})
+    )
+
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = build_module(params, num_classes)
+    verification = PeriodicVerification(val_sets, t.val_every, batch_size=params.evaluate.batch_size)
+    throughput = Throughput(t.batch_size * t.accumulate_grad_batches)
+    checkpoints = out_dir / "checkpoints"
+    every = [
+        throughput,  # first, so that its step time excludes the verification below
+        verification,
+        BackboneExport(out_dir / "backbone.pth", params.backbone),
+        ModelCheckpoint(
+            dirpath=checkpoints, every_n_train_steps=t.checkpoint_every, save_last=True, save_top_k=0
+        ),
+        *callbacks,
+    ]
+    if val_sets:
+        every.append(
+            ModelCheckpoint(
+                dirpath=checkpoints,
+                filename="best",
+                monitor="val/accuracy",
+                mode="max",
+                save_top_k=1,
+                every_n_train_steps=t.val_every,
+                enable_version_counter=False,
+            )
+        )
+    show = sys.stderr.isatty() if progress is None else progress
+    if show:
+        every.append(RichProgressBar())
+    from dvclive.lightning import DVCLiveLogger
+
+    logger = DVCLiveLogger(
+        dir=str(out_dir / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resume is not None, report=None
+    )
+    trainer = L.Trainer(
+        default_root_dir=out_dir,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        gradient_clip_val=t.gradient_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        callbacks=every,
+        logger=logger,
+        log_every_n_steps=10,
+        enable_progress_bar=show,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    summary = {
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "seconds": round(time.perf_counter() - started, 2),
+        "images_per_sec": round(throughput.mean_images_per_sec, 1),
+        "resumed_from": str(resume) if resume else None,
+        "num_classes": num_classes,
+        "backbone": params.backbone,
+        "header": params.header,
+        "val": verification.history[-1] if verification.history else {},
+        "best_val_accuracy": max((h["val/accuracy"] for h in verification.history), default=None),
+    }
+    if not trainer.is_global_zero:
+        return {}
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+__all__ = ["build_module", "default_val_sets", "train"]

@@ -1,0 +1,172 @@
+"""Training: outputs, exact resume after SIGKILL, divergence handling, DDP with partial FC on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from femb.config import parse_params
+from femb.errors import FembError
+from femb.training.run import train
+from femb.weights import load_backbone
+
+
+def small_params(shards: Path, out_dir: Path, **train_overrides) -> dict:
+    train = {
+        "out_dir": str(out_dir),
+        "batch_size": 16,
+        "num_workers": 0,
+        "max_steps": 24,
+        "max_epochs": 100,
+        "checkpoint_every": 7,
+        "val_every": 12,
+        "lr": 0.05,
+        "warmup_steps": 4,
+        **train_overrides,
+    }
+    return {
+        "backbone": "iresnet_tiny",
+        "embedding_size": 64,
+        "header": "arcface",
+        "data": {"shards": str(shards)},
+        "train": train,
+    }
+
+
+def test_training_writes_checkpoints_backbone_and_metrics(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    summary = train(parse_params(small_params(demo_shards, out, max_steps=12)), progress=False)
+    assert summary["steps"] == 12 and summary["images_per_sec"] > 0
+    assert (out / "checkpoints" / "last.ckpt").exists() and (out / "checkpoints" / "best.ckpt").exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+    metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
+    assert {"loss", "lr", "images_per_sec"} <= set(metrics["train"])
+    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0
+    # backbone.pth is a plain official-key state dict that arcface_torch's load_state_dict takes
+    state = torch.load(out / "backbone.pth", weights_only=True)
+    assert "fc.weight" in state and not any(k.startswith("backbone.") for k in state)
+    assert load_backbone(out / "backbone.pth").fc.out_features == 64
+
+
+_KILLABLE = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import lightning as L
+    from femb.config import parse_params
+    from femb.training.run import train
+
+    class KillAt(L.Callback):
+        def __init__(self, step):
+            self.step = step
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    params = parse_params(json.loads(sys.argv[1]))
+    kill = int(sys.argv[2])
+    train(params, callbacks=[KillAt(kill)] if kill >= 0 else [], progress=False)
+    """
+)
+
+
+def _run(params: dict, kill_at: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _KILLABLE, json.dumps(params), str(kill_at)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(demo_shards, tmp_path, workers):
+    # 320 images / batch 16 = 20 batches per epoch: the checkpoint at step 7 is mid-epoch, and with
+    # 2 workers resuming 7 batches in also exercises the loader's worker reordering.
+    whole = small_params(demo_shards, tmp_path / "whole", num_workers=workers)
+    assert _run(whole, -1).returncode == 0
+    cut = small_params(demo_shards, tmp_path / "cut", num_workers=workers)
+    killed = _run(cut, 11)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _run(cut, -1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("last.ckpt") and summary["steps"] == 24
+    a = torch.load(tmp_path / "whole" / "backbone.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "backbone.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    # Same ops on the same inputs on one CPU: the resumed run reproduces the weights to float32 rounding.
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+class _Poison(L.Callback):
+    """Turns one backbone weight into NaN at a given step, as a diverging run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.backbone.fc.weight[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    params = parse_params(small_params(demo_shards, out, checkpoint_every=5))
+    with pytest.raises(FembError, match=r"loss is nan at step 9 .*lr=0.05.*precision"):
+        train(params, callbacks=[_Poison(9)], progress=False)
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["global_step"] == 5
+    assert torch.isfinite(last["state_dict"]["backbone.fc.weight"]).all()
+
+
+def test_rerun_with_another_configuration_is_refused(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    train(parse_params(small_params(demo_shards, out, max_steps=4)), progress=False)
+    other = parse_params({**small_params(demo_shards, out, max_steps=4), "header": "cosface"})
+    with pytest.raises(FembError, match="another configuration"):
+        train(other, progress=False)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_with_partial_fc_saves_a_shard_per_rank(demo_shards, tmp_path):
+    out = tmp_path / "ddp"
+    sets = [
+        f"--set=data.shards={demo_shards}",
+        f"--set=train.out_dir={out}",
+        "--set=backbone=iresnet_tiny",
+        "--set=train.batch_size=16",
+        "--set=train.max_steps=6",
+        "--set=train.checkpoint_every=3",
+        "--set=train.val_every=6",
+        "--set=train.num_workers=0",
+        "--set=train.accelerator=cpu",
+        "--set=train.devices=2",
+        "--set=train.strategy=ddp",
+        "--set=train.partial_fc.enabled=true",
+        "--set=train.partial_fc.sample_rate=0.5",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "femb", "train", "--params", str(tmp_path / "none.yaml"), *sets],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 6
+    shards = sorted(p.name for p in (out / "checkpoints" / "partial_fc").iterdir())
+    assert shards == [f"step{s:09d}-rank{r}-of-2.pt" for s in (3, 6) for r in (0, 1)]
+    # 40 classes over 2 ranks: 20 centres each, and each rank's shard differs
+    rank0 = torch.load(out / "checkpoints" / "partial_fc" / shards[-2], weights_only=True)["weight"]
+    rank1 = torch.load(out / "checkpoints" / "partial_fc" / shards[-1], weights_only=True)["weight"]
+    assert rank0.shape == rank1.shape == (20, 512) and not torch.equal(rank0, rank1)
