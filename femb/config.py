@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from femb.backbones import canonical_backbone_name, list_backbones
+from femb.data.synth import DEFAULT_IDENTITIES, DEFAULT_IMAGES_PER_IDENTITY, DEFAULT_PAIRS
 from femb.errors import FembError
 from femb.headers import build_header, header_defaults, list_headers
 
@@ -30,9 +31,9 @@ class Section(BaseModel):
 class SynthParams(Section):
     """`femb synth` sizes for the demo dataset."""
 
-    identities: int = Field(300, ge=2)
-    images_per_identity: int = Field(20, ge=2)
-    pairs: int = Field(600, ge=10)
+    identities: int = Field(DEFAULT_IDENTITIES, ge=2)
+    images_per_identity: int = Field(DEFAULT_IMAGES_PER_IDENTITY, ge=2)
+    pairs: int = Field(DEFAULT_PAIRS, ge=10)
     seed: int = Field(0, ge=0)
 
 

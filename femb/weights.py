@@ -122,8 +122,12 @@ def infer_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any
     raise FembError(f"keys match no known backbone (IResNet or MobileFaceNet); first keys: {first}")
 
 
-def save_backbone(model: nn.Module, path: Path | str, name: str) -> Path:
-    """Write `{"backbone": name, "state_dict": ...}` atomically; `load_backbone` reads it back as is."""
+def save_backbone(model: nn.Module, path: Path | str, name: str, plain: bool = False) -> Path:
+    """Write `{"backbone": name, "state_dict": ...}` atomically; `load_backbone` reads it back as is.
+
+    With `plain`, write the bare state dict with official key names instead: the `backbone.pth` that
+    arcface_torch's `backbone.load_state_dict(torch.load(path))` takes (the name is then inferred).
+    """
     path = Path(path)
     canonical = canonical_backbone_name(name)
     state = _strip_prefixes({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
@@ -131,7 +135,7 @@ def save_backbone(model: nn.Module, path: Path | str, name: str) -> Path:
         expected = create_backbone(canonical, **_structural_kwargs(canonical, state)).state_dict()
     _check_keys(path, canonical, expected, state)
     with _atomic_output(path) as tmp:
-        torch.save({"backbone": canonical, "state_dict": state}, tmp)
+        torch.save(state if plain else {"backbone": canonical, "state_dict": state}, tmp)
     return path
 
 
