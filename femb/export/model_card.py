@@ -1,0 +1,123 @@
+"""A short Markdown model card beside an exported model (after Mitchell et al., "Model Cards", FAT* 2019).
+
+It says what the file is (backbone, head, training data fingerprint, precision, interface), how well
+it verifies (one table row per pair set, InsightFace protocol), how closely the ONNX graph matches
+PyTorch, and how to run it with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from femb import __version__
+from femb.evaluation.verification import FAR_TARGETS, far_key
+
+_USAGE = """\
+```python
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+session = ort.InferenceSession("{model}", providers=["CPUExecutionProvider"])
+# An aligned 112x112 face crop (ArcFace 5-point alignment), RGB, normalised as (x/255 - 0.5)/0.5.
+face = np.asarray(Image.open("face.jpg").convert("RGB").resize((112, 112)), dtype=np.float32)
+data = ((face / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]  # float32 N x 3 x 112 x 112
+embedding = session.run(["embedding"], {{"data": data}})[0][0]
+embedding /= np.linalg.norm(embedding)  # compare two faces by the dot product of such vectors
+```
+
+InsightFace serves the file as a recognition model too: `insightface.model_zoo.get_model("{model}")`
+(it feeds float32 `(x - 127.5) / 127.5`, the same normalisation)."""
+
+
+def write_model_card(
+    path: Path | str, info: Mapping[str, Any], metrics: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the model card Markdown to `path` atomically from `export_onnx`'s result and `run_evaluate`'s metrics."""
+    path = Path(path)
+    text = render_model_card(info, metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def render_model_card(info: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> str:
+    """The model card as Markdown text; missing entries of `info` show as "unknown"."""
+    model = Path(str(info.get("output", "model.onnx"))).name
+    backbone = info.get("backbone", "unknown")
+    date = info.get("date") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    output_tensor = info.get("output_tensor", {})
+    version = dict(info.get("metadata", {})).get("femb_version", __version__)
+    embedding_size = output_tensor.get("shape", ["N", "D"])[-1] if isinstance(output_tensor, Mapping) else "D"
+    lines = [
+        f"# {model}: {backbone} face embedding",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Backbone | {backbone} |",
+        f"| Head (training loss) | {info.get('header', 'unknown')} |",
+        f"| Training data fingerprint | `{info.get('dataset_fingerprint', 'unknown')}` |",
+        f"| Precision | {'float16 weights, float32 input/output' if info.get('fp16') else 'float32'} |",
+        "| Input | `data` float32 N x 3 x 112 x 112, RGB, (x/255 - 0.5)/0.5, batch dynamic |",
+        f"| Output | `embedding` float32 N x {embedding_size}, not normalised |",
+        f"| ONNX opset | {info.get('opset', 'unknown')} |",
+        f"| sha256 | `{info.get('sha256', 'unknown')}` |",
+        f"| Written | {date}, femb {version} |",
+        "",
+        "## Verification",
+        "",
+    ]
+    lines += _metrics_table(metrics) if metrics else ["Not evaluated."]
+    lines += ["", "## Export parity (onnxruntime CPU vs PyTorch float32)", ""]
+    if "max_abs_diff" in info:
+        lines += [
+            f"Max |difference| {info['max_abs_diff']:.3g} (relative {info.get('max_rel_diff', float('nan')):.3g} "
+            f"of the largest |embedding element| {info.get('embedding_scale', float('nan')):.3g}), "
+            f"tolerance {info.get('tolerance', float('nan')):.3g}; lowest cosine similarity "
+            f"{info.get('min_cosine', float('nan')):.6f}; random batches of {info.get('checked_batches', [])}.",
+        ]
+    else:
+        lines.append("Not checked.")
+    lines += ["", "## Use", "", _USAGE.format(model=model), ""]
+    return "\n".join(lines)
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
+    """One row per set: accuracy +- std (10 folds, flip-summed), TAR@FAR, AUC, EER, XNorm, pairs."""
+    keys = [far_key(far) for far in FAR_TARGETS]
+    header = ["Set", "Accuracy (%)", *(f"TAR@FAR={k} (%)" for k in keys), "AUC", "EER (%)", "XNorm", "Pairs"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in metrics.items():
+        if not isinstance(result, Mapping) or "accuracy" not in result:
+            continue
+        tar = result.get("tar_at_far", {})
+        cells = [
+            name,
+            f"{100 * result['accuracy']:.2f} ± {100 * result.get('accuracy_std', 0.0):.2f}",
+            *(f"{100 * tar[k]:.2f}" if k in tar else "-" for k in keys),
+            f"{result['auc']:.4f}" if "auc" in result else "-",
+            f"{100 * result['eer']:.2f}" if "eer" in result else "-",
+            f"{result['xnorm']:.2f}" if "xnorm" in result else "-",
+            str(result.get("num_pairs", "-")),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if "mean_accuracy" in metrics:
+        rows += ["", f"Mean accuracy over the sets: {100 * metrics['mean_accuracy']:.2f}%."]
+    below = sorted(
+        {k for r in metrics.values() if isinstance(r, Mapping) for k in r.get("far_below_resolution", [])}
+    )
+    if below:
+        rows.append(f"TAR at FAR {', '.join(below)} lies below what some sets can measure (too few pairs).")
+    return rows
