@@ -66,6 +66,46 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(summary))
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from femb.evaluation.evaluate import run_evaluate
+
+    metrics = run_evaluate(
+        Path(args.weights),
+        [Path(s) for s in args.sets],
+        Path(args.output),
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        device=args.device,
+        plots_dir=Path(args.plots) if args.plots else None,
+    )
+    for name, result in metrics.items():
+        if isinstance(result, dict):
+            print(f"{name}: accuracy {100 * result['accuracy']:.2f}% +- {100 * result['accuracy_std']:.2f}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from femb.export.model_card import write_model_card
+    from femb.export.onnx import export_onnx
+
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = json.loads(Path(args.metrics).read_text())
+        except (OSError, ValueError) as err:
+            raise FembError(f"{args.metrics}: cannot read the metrics JSON ({err})") from None
+    info = export_onnx(
+        Path(args.weights),
+        Path(args.output),
+        backbone=args.backbone,
+        header=args.header,
+        dataset_fingerprint=args.fingerprint,
+        fp16=args.fp16,
+        opset=args.opset,
+    )
+    write_model_card(Path(args.output).with_suffix(".md"), info, metrics)
+    print(json.dumps({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="femb", description=__doc__)
@@ -106,6 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("evaluate", help="InsightFace verification protocol on .bin / pair .parquet sets")
+    p.add_argument("sets", nargs="+", help="pair sets: InsightFace .bin files or pair .parquet files")
+    p.add_argument(
+        "--weights", required=True, help="backbone.pth, model.pt, femb/Lightning checkpoint or .onnx"
+    )
+    p.add_argument(
+        "--backbone", default=None, help="architecture (default: read from or inferred by the weights)"
+    )
+    p.add_argument("--output", "-o", required=True, help="metrics .json")
+    p.add_argument("--plots", default=None, help="directory for roc.png and roc_<set>.csv")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a backbone to ONNX and prove parity with onnxruntime")
+    p.add_argument("--weights", required=True, help="backbone.pth, model.pt or femb/Lightning checkpoint")
+    p.add_argument(
+        "--backbone", default=None, help="architecture (default: read from or inferred by the weights)"
+    )
+    p.add_argument(
+        "--output", "-o", required=True, help="output .onnx (a model card .md is written beside it)"
+    )
+    p.add_argument("--header", default=None, help="head the model was trained with (metadata)")
+    p.add_argument("--fingerprint", default=None, help="training data fingerprint (metadata)")
+    p.add_argument("--metrics", default=None, help="metrics .json of femb evaluate, for the model card")
+    p.add_argument("--fp16", action="store_true", help="export float16 weights (input/output stay float32)")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="train a backbone + head on Parquet shards (resumes a cut-short run)")
     p.add_argument(

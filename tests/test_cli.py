@@ -18,7 +18,7 @@ def test_python_dash_m_femb_prints_version():
 
 
 def test_every_subcommand_has_help():
-    for command in ("synth", "convert", "embed"):
+    for command in ("synth", "convert", "embed", "train", "evaluate", "export"):
         result = run_femb(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"femb {command}" in result.stdout

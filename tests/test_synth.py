@@ -19,7 +19,7 @@ from femb.data.synth import synthesize
 from femb.errors import FembError
 
 SMALL = {"identities": 5, "images_per_identity": 3, "pairs": 8, "seed": 7}
-DATA_FILES = ("train.rec", "train.idx", "property", "val.bin", "val_hard.bin")
+DATA_FILES = ("train.rec", "train.idx", "property", "demo.bin", "demo_hard.bin")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_same_seed_writes_identical_bytes(small: Path, tmp_path: Path) -> None:
 def test_other_seed_writes_other_images(small: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     synthesize(other, **{**SMALL, "seed": 8}, progress=False)
-    for name in ("train.rec", "val.bin", "val_hard.bin"):
+    for name in ("train.rec", "demo.bin", "demo_hard.bin"):
         assert (other / name).read_bytes() != (small / name).read_bytes(), name
     assert (other / "property").read_bytes() == (small / "property").read_bytes()
 
@@ -80,7 +80,7 @@ def test_every_image_decodes_to_112x112_rgb_jpeg(small: Path) -> None:
     images = []
     with open_insightface(small) as records:
         images += [records.image(int(key)) for key in records.image_keys]
-    for name in ("val.bin", "val_hard.bin"):
+    for name in ("demo.bin", "demo_hard.bin"):
         images += read_bin(small / name)[0]
     for data in images:
         assert simplejpeg.decode_jpeg(data).shape == (112, 112, 3)
@@ -92,7 +92,7 @@ def test_pair_sets_are_half_positive_with_people_unseen_in_training(small: Path)
     record = json.loads((small / "synth.json").read_text())
     train_people = {f"train:{label}" for label in range(SMALL["identities"])}
     seen: set[str] = set()
-    for name in ("val", "val_hard"):
+    for name in ("demo", "demo_hard"):
         bins, issame = read_bin(small / f"{name}.bin")
         people = record["pair_identities"][name]
         assert len(bins) == 2 * SMALL["pairs"] and len(issame) == len(people) == SMALL["pairs"]
@@ -107,7 +107,7 @@ def test_pair_sets_are_half_positive_with_people_unseen_in_training(small: Path)
 
 
 def test_pair_kinds_are_interleaved_for_the_10_fold_protocol(small: Path) -> None:
-    issame = read_bin(small / "val.bin")[1]
+    issame = read_bin(small / "demo.bin")[1]
     # InsightFace's 10-fold protocol splits the file in order: both kinds must be spread over the file.
     assert issame != sorted(issame, reverse=True) and issame != sorted(issame)
 
@@ -159,7 +159,7 @@ def test_bad_parameter_is_a_user_error_naming_it(tmp_path: Path, params: dict, m
 def test_image_size_scales_the_faces(tmp_path: Path) -> None:
     synthesize(tmp_path, identities=2, images_per_identity=2, pairs=2, image_size=64, progress=False)
     assert (tmp_path / "property").read_text().strip() == "2,64,64"
-    bins, _ = read_bin(tmp_path / "val.bin")
+    bins, _ = read_bin(tmp_path / "demo.bin")
     assert simplejpeg.decode_jpeg(bins[0]).shape == (64, 64, 3)
 
 
@@ -171,7 +171,7 @@ def test_cli_synth_passes_its_flags_and_matches_the_library_byte_for_byte(tmp_pa
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["num_classes"], summary["num_images"]) == (4, 8)
-    assert summary["pair_sets"]["val"]["pairs"] == 6
+    assert summary["pair_sets"]["demo"]["pairs"] == 6
     assert json.loads((out / "synth.json").read_text())["params"] == {
         "identities": 4,
         "images_per_identity": 2,
@@ -179,7 +179,7 @@ def test_cli_synth_passes_its_flags_and_matches_the_library_byte_for_byte(tmp_pa
         "seed": 3,
         "image_size": 112,
     }
-    assert len(read_bin(out / "val_hard.bin")[1]) == 6
+    assert len(read_bin(out / "demo_hard.bin")[1]) == 6
     same = tmp_path / "in-process"
     synthesize(same, identities=4, images_per_identity=2, pairs=6, seed=3, progress=False)
     for name in DATA_FILES:
@@ -189,7 +189,7 @@ def test_cli_synth_passes_its_flags_and_matches_the_library_byte_for_byte(tmp_pa
 @pytest.mark.slow
 def test_raw_pixels_do_not_solve_verification(tmp_path: Path) -> None:
     synthesize(tmp_path, identities=2, images_per_identity=1, pairs=600, progress=False)
-    for name, ceiling in (("val", 0.8), ("val_hard", 0.75)):
+    for name, ceiling in (("demo", 0.8), ("demo_hard", 0.75)):
         bins, issame = read_bin(tmp_path / f"{name}.bin")
         x = np.stack([simplejpeg.decode_jpeg(b) for b in bins]).reshape(len(bins), -1).astype(np.float64)
         x -= x.mean(0)

@@ -48,7 +48,7 @@ def test_training_writes_checkpoints_backbone_and_metrics(demo_shards, tmp_path)
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
     metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
     assert {"loss", "lr", "images_per_sec"} <= set(metrics["train"])
-    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0
+    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and 0.0 <= metrics["val"]["demo_hard"]["accuracy"] <= 1.0
     # backbone.pth is a plain official-key state dict that arcface_torch's load_state_dict takes
     state = torch.load(out / "backbone.pth", weights_only=True)
     assert "fc.weight" in state and not any(k.startswith("backbone.") for k in state)

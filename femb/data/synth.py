@@ -5,13 +5,13 @@ and colour, eye spacing, size and iris colour, brows, nose relief, lips, beard, 
 once in the 112x112 ArcFace-aligned frame as albedo, alpha and surface normals, in three expressions.
 Every image then varies the way aligned crops vary: roll, scale and shift left over by 5-point alignment,
 yaw and pitch as depth parallax, light from a random direction, brightness and white balance, background,
-sunglasses-like bars and blobs, gaussian blur, sensor noise and JPEG quality 60-95. `val.bin` varies like
-training, `val_hard.bin` more (`HARD`); their people come from random streams of their own, so no person of
+sunglasses-like bars and blobs, gaussian blur, sensor noise and JPEG quality 60-95. `demo.bin` varies like
+training, `demo_hard.bin` more (`HARD`); their people come from random streams of their own, so no person of
 a pair set is a training identity.
 
 Measured with the defaults (seed 0, one core of a busy 2-core machine): 14,000 images in about 13 s;
-best-threshold raw-pixel verification accuracy (cosine of mean-subtracted pixels) 0.64 on val.bin and
-0.57 on val_hard.bin. A 7-layer CNN with a CosFace head scores 0.51 / 0.50 untrained and 0.95-0.99 /
+best-threshold raw-pixel verification accuracy (cosine of mean-subtracted pixels) 0.64 on demo.bin and
+0.57 on demo_hard.bin. A 7-layer CNN with a CosFace head scores 0.51 / 0.50 untrained and 0.95-0.99 /
 0.78-0.82 after 5 minutes of AdamW on that shared CPU (25,000-71,000 images seen, by load).
 """
 
@@ -49,10 +49,10 @@ NOSE_TIP = (56.03, 71.74)
 MOUTH_Y = 92.3
 HEAD_CENTRE = (56.0, 60.0)
 
-_SPLITS = ("train", "val", "val_hard")
+_SPLITS = ("train", "demo", "demo_hard")
 _FORMAT = "femb-synth-1"  # bump when the renderer changes the bytes a seed produces
-_FILES = ("train.rec", "train.idx", "property", "val.bin", "val_hard.bin", "synth.json")
-_STALE_TEMP = re.compile(r"\.(train\.rec|train\.idx|property|val\.bin|val_hard\.bin|synth\.json)\..*\.tmp")
+_FILES = ("train.rec", "train.idx", "property", "demo.bin", "demo_hard.bin", "synth.json")
+_STALE_TEMP = re.compile(r"\.(train\.rec|train\.idx|property|demo\.bin|demo_hard\.bin|synth\.json)\..*\.tmp")
 # Channels of an identity's canonical render: albedo RGB (0-2), coverage alpha, surface normal x / y.
 _A, _NX, _NY = 3, 4, 5
 _EXPRESSION_P = (0.55, 0.3, 0.15)  # neutral, smile, open mouth
@@ -129,7 +129,7 @@ HARD = Variation(
 )
 
 
-PAIR_SETS = {"val": NORMAL, "val_hard": HARD}  # the .bin files written, and how their images vary
+PAIR_SETS = {"demo": NORMAL, "demo_hard": HARD}  # the .bin files written, and how their images vary
 
 
 class _Canvas:
@@ -568,7 +568,7 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def _identity_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The random stream of one person: training, val and val_hard people come from separate streams."""
+    """The random stream of one person: training, demo and demo_hard people come from separate streams."""
     return np.random.default_rng([seed, _SPLITS.index(split), index])
 
 
@@ -587,7 +587,7 @@ def _one_torch_thread() -> Iterator[None]:
 def identity_jpegs(
     seed: int, split: str, index: int, count: int, size: int, variation: Variation
 ) -> list[bytes]:
-    """`count` JPEG images of person `index` of `split` ("train", "val", "val_hard"), deterministic for a seed."""
+    """`count` JPEG images of person `index` of `split` ("train", "demo", "demo_hard"), deterministic for a seed."""
     rng = _identity_rng(seed, split, index)
     canon = _render_identity(_face_identity(rng), size)
     with _one_torch_thread():
@@ -681,7 +681,7 @@ def synthesize(
     image_size: int = 112,
     progress: bool | None = None,
 ) -> dict:
-    """Write a demo InsightFace dataset: train.rec/.idx, property, val.bin, val_hard.bin (and synth.json).
+    """Write a demo InsightFace dataset: train.rec/.idx, property, demo.bin, demo_hard.bin (and synth.json).
 
     The defaults (400 people x 25 images, 1,000 pairs per set) take about 13 s on one core: hundreds of
     people let a small CNN learn what tells people apart rather than memorise a few, 25 images each show
@@ -747,7 +747,7 @@ def synthesize(
         "params": params,
         "summary": summary,
         "files": {name: (out_dir / name).stat().st_size for name in _FILES if name != "synth.json"},
-        # Person ids of every pair: `val:3` is person 3 of the val stream; training people are `train:<label>`.
+        # Person ids of every pair: `demo:3` is person 3 of the demo stream; training people are `train:<label>`.
         "pair_identities": {
             name: [[f"{name}:{a}", f"{name}:{b}"] for a, b in plan] for name, plan in plans.items()
         },
