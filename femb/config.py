@@ -55,20 +55,25 @@ class PartialFCParams(Section):
 
 
 class TrainParams(Section):
-    """Optimisation and hardware (arcface_torch defaults where they apply)."""
+    """Optimisation and hardware: arcface_torch's recipe (SGD 0.1, poly, batch 128) sized for the CPU demo.
+
+    The demo defaults (4 epochs of the 10,000 synthetic faces, 50 warm-up steps, one loader worker)
+    reach about 0.98 verification accuracy on `demo` in a few minutes on two CPU cores; a real
+    dataset wants more epochs (arcface_torch: 20 for MS1MV2) and more workers.
+    """
 
     out_dir: Path = Path("models/train")
     batch_size: int = Field(128, ge=1)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(8192, ge=0)
-    max_epochs: int = Field(20, ge=1)
+    max_epochs: int = Field(4, ge=1)
     max_steps: int = Field(-1, ge=-1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["poly", "cosine", "step", "constant"] = "poly"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(50, ge=0)
     poly_power: float = Field(2.0, gt=0)
     milestones: list[int] = []
     gamma: float = Field(0.1, gt=0, le=1)
@@ -98,19 +103,19 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    """The verification sets and batch size of the evaluate stage."""
+    """The verification sets (empty: every pair set `convert` wrote to `data.shards`) and batch size."""
 
     sets: list[str] = []
     batch_size: int = Field(128, ge=1)
-    far_targets: list[float] = [1e-4, 1e-3, 1e-2]
 
 
 class ExportParams(Section):
-    """ONNX export settings."""
+    """ONNX export settings (opset 18: the torch.export exporter's own) and the model card beside it."""
 
     output: Path = Path("models/model.onnx")
+    model_card: Path = Path("models/model.md")
     fp16: bool = False
-    opset: int = Field(17, ge=11)
+    opset: int = Field(18, ge=17)
 
 
 class CompareParams(Section):
@@ -161,7 +166,9 @@ class Params(Section):
                 raise ValueError(f"headers.{name}: {err}") from None
         for name in self.compare.headers:
             if name not in list_headers():
-                raise ValueError(f"compare.headers: '{name}' is not a head; choose one of {', '.join(list_headers())}")
+                raise ValueError(
+                    f"compare.headers: '{name}' is not a head; choose one of {', '.join(list_headers())}"
+                )
         return self
 
     def header_hparams(self, name: str | None = None) -> dict[str, Any]:
@@ -174,15 +181,30 @@ class Params(Section):
         return self.train.max_steps if self.train.max_steps > 0 else math.inf
 
 
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the section at `loc` takes (empty when `loc` is not a section)."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    loc = tuple(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a model validator's message starts with the key it is about
+        return f"{source}: {message}"
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif "input" in first and first["type"] not in ("missing",):
+        section = ".".join(str(part) for part in loc[:-1]) or "the top level"
+        message = f"unknown key; {section} takes {', '.join(_section_keys(loc[:-1]))}"
+    elif "input" in first and first["type"] != "missing" and repr(first["input"]) not in message:
         message = f"{message} (got {first['input']!r})"
-    return f"{source}: {key}: {message}"
+    return f"{source}: {'.'.join(str(part) for part in loc)}: {message}"
 
 
 def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:

@@ -61,6 +61,8 @@ class FaceRecognitionModule(L.LightningModule):
         self.backbone = create_backbone(backbone, num_features=embedding_size, **(backbone_kwargs or {}))
         self.header = build_header(header, embedding_size, num_classes, **(header_kwargs or {}))
         self.partial_fc: PartialFC | None = None
+        self._first_bad: Tensor | None = None  # GPU runs: the first step whose loss was not finite
+        self._bad_loss: Tensor | None = None
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if compile:
@@ -93,16 +95,42 @@ class FaceRecognitionModule(L.LightningModule):
             loss = self.partial_fc.loss(embeddings, labels)
         else:
             loss = self.header.loss(embeddings, labels)
-        if not torch.isfinite(loss):
-            raise FembError(self._nonfinite_message(loss))
+        self._watch_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
 
-    def _nonfinite_message(self, loss: Tensor) -> str:
+    def _watch_finite(self, loss: Tensor) -> None:
+        """Stop on the first non-finite loss, before its update is applied; on a GPU, without a sync per step.
+
+        On the CPU every step is checked at once. On a GPU the first bad step is recorded on the device
+        and checked every `log_every_n_steps` steps and before every checkpoint, so no checkpoint ever
+        holds the diverged weights.
+        """
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                raise FembError(self._nonfinite_message(float(loss), self.global_step))
+            return
+        step = torch.tensor(self.global_step, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, device=loss.device)
+            self._bad_loss = torch.zeros((), device=loss.device)
+        first = bad & (self._first_bad < 0)
+        self._first_bad = torch.where(first, step, self._first_bad)
+        self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
+        interval = getattr(self.trainer, "log_every_n_steps", 50) if self._trainer is not None else 1
+        if self.global_step % max(1, interval) == 0:
+            self._raise_if_diverged()
+
+    def _raise_if_diverged(self) -> None:
+        if self._first_bad is not None and int(self._first_bad) >= 0:
+            raise FembError(self._nonfinite_message(float(self._bad_loss), int(self._first_bad)))
+
+    def _nonfinite_message(self, loss: float, step: int) -> str:
         precision = getattr(self.trainer, "precision", "32-true") if self._trainer is not None else "32-true"
         return (
-            f"training diverged: the loss is {loss.item()} at step {self.global_step} "
+            f"training diverged: the loss is {loss} at step {step} "
             f"(lr={self.hparams.lr}, precision={precision}); lower train.lr or add warmup, or use "
             "precision 32-true / bf16-mixed instead of 16-mixed; the last good checkpoint is kept"
         )
@@ -134,6 +162,7 @@ class FaceRecognitionModule(L.LightningModule):
         return directory / "partial_fc" / f"step{step:09d}-rank{rank}-of-{world_size}.pt"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._raise_if_diverged()  # never write the weights of a diverged run
         if self.partial_fc is not None and self.trainer.world_size > 1:
             # Each rank holds different class centres: every rank writes its own shard (PartialFC v2 style).
             path = self._shard_file(self.global_step)
