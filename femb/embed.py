@@ -11,9 +11,8 @@ as in InsightFace `eval/verification.py`, before the optional L2 normalisation.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,9 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from femb.device import resolve_device
 from femb.errors import FembError
+from femb.io import atomic_path
 from femb.weights import OnnxBackbone, load_backbone
 
 IMAGE_SIZE = 112
@@ -119,14 +120,14 @@ def run_embed(
     output = Path(output)
     if output.suffix != ".npy":
         raise FembError(f"{output}: the output file must end in .npy")
-    target = _resolve_device(device)
+    target = resolve_device(device)
     model = load_backbone(weights, backbone)
     if not isinstance(model, OnnxBackbone):
         model = model.to(target)
     embeddings = embed_images(
         model, images, batch_size=batch_size, flip=flip, normalize=normalize, progress=progress
     )
-    with _atomic_output(output) as tmp, open(tmp, "wb") as f:
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
         np.save(f, embeddings)
         f.flush()
         os.fsync(f.fileno())
@@ -149,27 +150,3 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        target = torch.device(device)
-    except RuntimeError as err:
-        raise FembError(f"device '{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from err
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise FembError(f"device '{device}' requested but CUDA is not available")
-    return target
-
-
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only when the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

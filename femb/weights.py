@@ -10,11 +10,9 @@ but tensors and plain containers is refused, never executed.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from femb.backbones import IRESNET_LAYERS, canonical_backbone_name, create_backb
 from femb.backbones.iresnet import TINY_WIDTHS
 from femb.backbones.mobilefacenet import MBF_BLOCKS, MBF_LARGE_BLOCKS, MBF_LARGE_SCALE, MBF_SCALE
 from femb.errors import FembError
+from femb.io import atomic_path
 
 # Prefixes that wrappers add in front of the backbone's own keys: DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -134,7 +133,7 @@ def save_backbone(model: nn.Module, path: Path | str, name: str, plain: bool = F
     with torch.device("meta"):
         expected = create_backbone(canonical, **_structural_kwargs(canonical, state)).state_dict()
     _check_keys(path, canonical, expected, state)
-    with _atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(state if plain else {"backbone": canonical, "state_dict": state}, tmp)
     return path
 
@@ -323,17 +322,3 @@ def _check_keys(path: Path, name: str, expected: Mapping[str, Tensor], found: Ma
             problems.append(f"{len(items)} {label} ({', '.join(items[:_SHOWN])}{more})")
     if problems:
         raise FembError(f"{path}: weights do not fit backbone '{name}': {'; '.join(problems)}")
-
-
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only when the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

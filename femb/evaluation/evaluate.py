@@ -9,18 +9,17 @@ at the top level, the shape `dvc metrics show` reads. With a plots directory, `r
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from femb.device import resolve_device
 from femb.errors import FembError
 from femb.evaluation.pairsets import load_pair_set, verify_pair_set
 from femb.evaluation.plots import plot_roc_curves, write_roc_csv
+from femb.io import write_json
 from femb.weights import OnnxBackbone, load_backbone
 
 MEAN_ACCURACY_KEY = "mean_accuracy"
@@ -61,7 +60,7 @@ def run_evaluate(
     if output.suffix.lower() != ".json":
         raise FembError(f"{output}: the metrics file must end in .json")
 
-    target = _resolve_device(device)
+    target = resolve_device(device)
     model = load_backbone(weights, backbone)
     if not isinstance(model, OnnxBackbone):
         model = model.to(target)
@@ -90,33 +89,5 @@ def run_evaluate(
         for name, curve in curves.items():
             write_roc_csv(plots_dir / f"roc_{name}.csv", curve["fpr"], curve["tpr"])
         plot_roc_curves(plots_dir / ROC_PNG, curves, title=f"ROC of {Path(weights).name}")
-    _write_json(output, metrics)
+    write_json(output, metrics)
     return metrics
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    """The torch device to evaluate on: the one named, else CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        target = torch.device(device)
-    except RuntimeError as err:
-        raise FembError(f"device '{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from err
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise FembError(f"device '{device}' requested but CUDA is not available")
-    return target
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write JSON to a temporary name beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

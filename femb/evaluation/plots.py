@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from femb.io import write_bytes
 
 MAX_ROC_POINTS = 1000
 
@@ -55,7 +56,7 @@ def write_roc_csv(path: Path, fpr: np.ndarray, tpr: np.ndarray, max_points: int 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["fpr", "tpr"])
     writer.writerows((f"{f:.8g}", f"{t:.8g}") for f, t in zip(fpr, tpr))
-    _write_atomic(Path(path), buffer.getvalue().encode())
+    write_bytes(Path(path), buffer.getvalue().encode())
     return Path(path)
 
 
@@ -109,19 +110,5 @@ def plot_roc_curves(path: Path, curves: Mapping[str, Mapping[str, object]], titl
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _write_atomic(Path(path), buffer.getvalue())
+    write_bytes(Path(path), buffer.getvalue())
     return Path(path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary name beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

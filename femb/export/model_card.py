@@ -8,13 +8,13 @@ PyTorch, and how to run it with onnxruntime.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from femb import __version__
 from femb.evaluation.verification import FAR_TARGETS, far_key
+from femb.io import write_text
 
 _USAGE = """\
 ```python
@@ -39,17 +39,7 @@ def write_model_card(
 ) -> Path:
     """Write the model card Markdown to `path` atomically from `export_onnx`'s result and `run_evaluate`'s metrics."""
     path = Path(path)
-    text = render_model_card(info, metrics)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, render_model_card(info, metrics))
     return path
 
 

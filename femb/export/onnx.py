@@ -24,7 +24,6 @@ import copy
 import hashlib
 import logging
 import math
-import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from femb import __version__
 from femb.backbones import canonical_backbone_name
 from femb.data.decode import IMAGE_SIZE
 from femb.errors import FembError
+from femb.io import atomic_path
 from femb.weights import OnnxBackbone, infer_backbone, load_backbone
 
 INPUT_NAME = "data"
@@ -110,7 +110,7 @@ def export_onnx(
     proto.producer_version = __version__
     proto.doc_string = f"femb {name} face embedding: {INPUT_LAYOUT}, {NORMALISATION} -> {OUTPUT_NAME} N x D"
 
-    with _atomic_output(output) as tmp:
+    with atomic_path(output) as tmp:
         onnx.save_model(proto, tmp)
         onnx.checker.check_model(str(tmp))
         check_zoo_interface(tmp, num_features)
@@ -326,18 +326,6 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-@contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only when the body succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
