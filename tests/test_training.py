@@ -170,3 +170,12 @@ def test_ddp_on_two_cpu_processes_with_partial_fc_saves_a_shard_per_rank(demo_sh
     rank0 = torch.load(out / "checkpoints" / "partial_fc" / shards[-2], weights_only=True)["weight"]
     rank1 = torch.load(out / "checkpoints" / "partial_fc" / shards[-1], weights_only=True)["weight"]
     assert rank0.shape == rank1.shape == (20, 512) and not torch.equal(rank0, rank1)
+
+
+def test_checkpoint_of_another_class_count_is_refused_naming_both(demo_shards, tmp_path):
+    from femb.training.module import FaceRecognitionModule
+
+    module = FaceRecognitionModule(num_classes=40, backbone="iresnet_tiny", embedding_size=64)
+    checkpoint = {"hyper_parameters": {**module.hparams, "num_classes": 93431}, "state_dict": {}}
+    with pytest.raises(FembError, match="num_classes is 93431 in the checkpoint but 40 in this run"):
+        module.on_load_checkpoint(checkpoint)

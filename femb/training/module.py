@@ -180,6 +180,13 @@ class FaceRecognitionModule(L.LightningModule):
         checkpoint["femb_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("num_classes", "embedding_size", "backbone", "header"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise FembError(
+                    f"checkpoint: {key} is {saved[key]!r} in the checkpoint but {self.hparams[key]!r} in this run; "
+                    "train from scratch or use data and params that match the checkpoint"
+                )
         shards = checkpoint.get("femb_partial_fc")
         if shards is not None:
             if self._trainer is None or shards["world_size"] != self.trainer.world_size:
