@@ -1,4 +1,4 @@
-# femb: `make run` runs the demo job, `make test` runs the test suite.
+# femb: `make run` runs the demo pipeline (dvc repro), `make test` runs the test suite.
 # Both create (or reuse) the virtual environment $(VENV).
 
 VENV ?= .venv
@@ -7,8 +7,6 @@ PYTHON ?= python3
 # e.g. `make run TORCH="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"`.
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
-DEMO ?= data/demo
-SHARDS ?= data/shards
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.femb-installed
@@ -25,9 +23,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# dvc.yaml's stages run `python -m stages.<name>`: the environment's python must come first on PATH.
 run: $(STAMP)
-	$(BIN)/femb synth $(DEMO)
-	$(BIN)/femb convert $(DEMO) $(SHARDS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -41,4 +39,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) data/demo data/shards
+	rm -rf $(VENV) data/demo data/shards models/train models/model.onnx models/model.md dvc_plots

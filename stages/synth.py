@@ -1,0 +1,28 @@
+"""Stage `synth`: the demo faces, InsightFace layout (train.rec/.idx/property, demo.bin, demo_hard.bin)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from femb.config import Params
+from femb.data.synth import synthesize
+from stages.common import run_stage
+
+
+def main(params: Params, argv: Sequence[str]) -> None:
+    """Write `data.synth` identities, images and pairs to the directory dvc.yaml names."""
+    (out,) = argv
+    s = params.data.synth
+    summary = synthesize(
+        Path(out),
+        identities=s.identities,
+        images_per_identity=s.images_per_identity,
+        pairs=s.pairs,
+        seed=s.seed,
+    )
+    print(f"synth: {summary['num_images']} images of {s.identities} identities -> {out}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
