@@ -9,9 +9,11 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
+PREFECT_PORT ?= 4200
+PREFECT_DB ?= $(HOME)/.prefect/prefect.db
 STAMP := $(VENV)/.femb-installed
 
-.PHONY: run test lint format venv clean
+.PHONY: run test lint format venv clean prefect-server
 
 venv: $(STAMP)
 
@@ -37,6 +39,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# A local Prefect server and UI for scheduled flows (SQLite, loopback only, no analytics).
+prefect-server: $(STAMP)
+	mkdir -p $(dir $(PREFECT_DB))
+	DO_NOT_TRACK=1 PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT=false \
+	PREFECT_SERVER_DATABASE_CONNECTION_URL=sqlite+aiosqlite:///$(abspath $(PREFECT_DB)) \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) --analytics-off
 
 clean:
 	rm -rf $(VENV) data/demo data/shards models/train models/model.onnx models/model.md dvc_plots

@@ -1,0 +1,404 @@
+"""The Prefect flows drive the real dvc: retries, failures, schedules and the head comparison.
+
+Flows run against one temporary Prefect server (`prefect_test_harness`, started once). The pipeline
+and retrain tests use a small git + DVC repository whose `train` stage is a script each test rewrites
+to crash once, fail for ever or print a config error; the comparison runs the real femb pipeline on a
+shrunk demo in a copy of this checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from femb.errors import FembError
+from flows.common import DvcError, classify_failure, failure_reason
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = Path(sys.executable).parent / "dvc"
+
+pytestmark = pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed in this environment")
+
+PIPELINE = """\
+stages:
+  train:  # listed first: the flow must still run convert before it
+    cmd: python train.py
+    deps: [shards.txt, train.py]
+    outs: [model.txt]
+  convert:
+    cmd: python convert.py
+    deps: [source.txt, convert.py]
+    params: [scale]
+    outs: [shards.txt]
+"""
+CONVERT = """\
+import yaml
+scale = yaml.safe_load(open("params.yaml"))["scale"]
+open("shards.txt", "w").write(open("source.txt").read() * scale)
+"""
+TRAIN_OK = """\
+open("attempts", "a").write("x")
+open("model.txt", "w").write("model of " + open("shards.txt").read())
+"""
+TRAIN_CRASHES_ONCE = """\
+import os, signal
+open("attempts", "a").write("x")
+if not os.path.exists("crashed"):
+    open("crashed", "w").close()
+    print("training...", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+open("model.txt", "w").write("model of " + open("shards.txt").read())
+"""
+TRAIN_IO_ERROR = """\
+import sys
+open("attempts", "a").write("x")
+sys.exit("OSError: [Errno 5] Input/output error: '/mnt/faces/train.rec'")
+"""
+TRAIN_CONFIG_ERROR = """\
+import sys
+open("attempts", "a").write("x")
+sys.exit("stage train: params.yaml: train.lr: Input should be greater than 0 (got -0.1)")
+"""
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+def dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{DVC.parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run([str(DVC), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def init_repo(repo: Path) -> None:
+    git(repo, "-c", "init.defaultBranch=main", "init", "-q")
+    git(repo, "config", "user.name", "femb test")
+    git(repo, "config", "user.email", "test@femb.invalid")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.analytics", "false")
+
+
+def attempts(repo: Path) -> int:
+    path = repo / "attempts"
+    return len(path.read_text()) if path.exists() else 0
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server and database for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A git + DVC repository: convert (source.txt x scale) -> train (a script that tests rewrite)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_repo(repo)
+    (repo / "dvc.yaml").write_text(PIPELINE)
+    (repo / "params.yaml").write_text("scale: 2\n")
+    (repo / "source.txt").write_text("faces;")
+    (repo / "convert.py").write_text(CONVERT)
+    (repo / "train.py").write_text(TRAIN_OK)
+    return repo
+
+
+# The failure rule, on lines that dvc and the stages print.
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr"),
+    [
+        (255, ["ERROR: failed to reproduce 'train': failed to run: python -m stages.train, exited with -9"]),
+        (
+            255,
+            [
+                "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated "
+                "abruptly."
+            ],
+        ),
+        (
+            255,
+            ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "ERROR: failed ..."],
+        ),
+        (255, ["ERROR: failed to reproduce 'convert': [Errno 2] No such file or directory: '/mnt/faces'"]),
+        (255, ["requests.exceptions.ConnectionError: ('Connection aborted.', ...)"]),
+        (255, ["Traceback (most recent call last):", "KeyError: 'x'", "ERROR: failed to reproduce 'train'"]),
+        (-9, []),
+    ],
+)
+def test_crashes_locks_gpu_network_and_unknown_failures_are_transient(returncode, stderr):
+    assert classify_failure(returncode, stderr) == "transient"
+
+
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        ["stage train: params.yaml: header: 'magfce' is not a head; choose one of arcface, cosface"],
+        ["femb convert: data/raw/train.rec: record 18231 at offset 73400320 is truncated"],
+        ["ERROR: failed to parse 'stages.train.cmd' in 'dvc.yaml': Could not find 'train.out'"],
+        ["ERROR: failed to reproduce 'a': Parameters 'y' are missing from 'params.yaml'."],
+        ["ERROR: unable to read: 'params.yaml', YAML file structure is corrupted: while parsing"],
+        ["ERROR: Invalid `--set-param` value: Could not override 'zz'."],
+        ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"],
+        ["ERROR: failed to push data to the cloud - config file error: no remote specified in /srv/femb."],
+        ["stage train: params.yaml: train.accelerator: 'cuda' requested but no CUDA device is visible"],
+        ["'./dvc.yaml' is invalid.", "", "Mapping values are not allowed here, in line 7, column 58"],
+    ],
+)
+def test_user_errors_and_pipeline_definition_errors_are_permanent(stderr):
+    assert classify_failure(255, stderr) == "permanent"
+
+
+def test_failure_reason_is_the_user_error_else_the_exception_and_dvc_error_line():
+    user = [
+        "stage train: params.yaml: train.lr: must be > 0",
+        "ERROR: failed to reproduce 'train': exited with 1",
+    ]
+    assert failure_reason(255, user) == "stage train: params.yaml: train.lr: must be > 0"
+    crash = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+        "ERROR: failed to reproduce 'train': failed to run: python train.py, exited with 1",
+        "",
+        "Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!",
+    ]
+    assert failure_reason(255, crash) == (
+        "RuntimeError: CUDA error: an illegal memory access was encountered; "
+        "ERROR: failed to reproduce 'train': failed to run: python train.py, exited with 1"
+    )
+    assert "status 3" in failure_reason(3, [])
+
+
+# The pipeline flow on a real dvc repository.
+
+
+@pytest.mark.slow
+def test_pipeline_retries_a_stage_killed_once_and_completes_in_dag_order(prefect_server, workspace):
+    from flows.pipeline import pipeline
+
+    (workspace / "train.py").write_text(TRAIN_CRASHES_ONCE)
+    outcome = pipeline(repo=str(workspace), retries=2, retry_delay=0)
+    assert outcome == {"convert": "ran", "train": "ran"}
+    assert list(outcome) == ["convert", "train"]
+    assert attempts(workspace) == 2
+    assert (workspace / "model.txt").read_text() == "model of faces;faces;"
+    assert json.loads(dvc(workspace, "status", "--json")) == {}
+    assert pipeline(repo=str(workspace), retries=0, retry_delay=0) == {
+        "convert": "unchanged",
+        "train": "unchanged",
+    }
+
+
+@pytest.mark.slow
+def test_pipeline_fails_with_the_stage_error_and_restores_previous_outputs(prefect_server, workspace):
+    from flows.pipeline import pipeline
+
+    pipeline(repo=str(workspace), retries=0, retry_delay=0)
+    before = {name: (workspace / name).read_bytes() for name in ("shards.txt", "model.txt", "dvc.lock")}
+    (workspace / "train.py").write_text(TRAIN_IO_ERROR)
+    (workspace / "attempts").unlink()
+
+    state = pipeline(repo=str(workspace), retries=2, retry_delay=0, return_state=True)
+    assert state.is_failed()
+    assert "Input/output error: '/mnt/faces/train.rec'" in state.message
+    with pytest.raises(DvcError, match=r"repro --single-item train: OSError: \[Errno 5\] Input/output error"):
+        state.result()
+    assert attempts(workspace) == 3  # a transient failure: the first try and two retries
+    assert {name: (workspace / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.slow
+def test_pipeline_does_not_retry_a_config_error(prefect_server, workspace):
+    from flows.pipeline import pipeline
+
+    (workspace / "train.py").write_text(TRAIN_CONFIG_ERROR)
+    with pytest.raises(DvcError) as raised:
+        pipeline(repo=str(workspace), retries=3, retry_delay=0)
+    assert raised.value.kind == "permanent"
+    assert str(raised.value).endswith(
+        "stage train: params.yaml: train.lr: Input should be greater than 0 (got -0.1)"
+    )
+    assert attempts(workspace) == 1
+    assert (workspace / "shards.txt").read_text() == "faces;faces;"  # the stage before it completed
+
+
+def test_pipeline_refuses_an_unknown_stage_in_one_line(prefect_server, workspace, capsys):
+    from flows.pipeline import main
+
+    assert main(["--repo", str(workspace), "trian"]) == 1
+    message = (
+        "python -m flows.pipeline: stages: 'trian' is not a stage of dvc.yaml; choose from convert, train\n"
+    )
+    assert message in capsys.readouterr().err
+    assert not (workspace / "shards.txt").exists()
+
+
+# The retrain flow and its schedule.
+
+
+@pytest.mark.slow
+def test_retrain_runs_and_pushes_only_when_the_data_changed(prefect_server, workspace, tmp_path):
+    from flows.retrain import retrain
+
+    remote = tmp_path / "remote"
+    dvc(workspace, "remote", "add", "--local", "-d", "test", str(remote))
+    first = retrain(repo=str(workspace), retries=0, retry_delay=0)
+    assert set(first["changed"]) == {"convert"} and first["pushed"]
+    assert first["stages"] == {"convert": "ran", "train": "ran"}
+    assert json.loads(dvc(workspace, "status", "--cloud", "--json")) == {}  # the remote holds every output
+    assert any(p.is_file() for p in remote.rglob("*"))
+
+    (workspace / "train.py").write_text(TRAIN_OK + "# a code change, not a data change\n")
+    assert retrain(repo=str(workspace), retries=0, retry_delay=0) == {
+        "changed": {},
+        "stages": {},
+        "pushed": False,
+    }
+
+    (workspace / "source.txt").write_text("more faces;")
+    third = retrain(repo=str(workspace), retries=0, retry_delay=0)
+    assert "convert" in third["changed"] and third["stages"] == {"convert": "ran", "train": "ran"}
+    assert (workspace / "model.txt").read_text() == "model of more faces;more faces;"
+
+
+def test_served_deployment_carries_the_cron_schedule():
+    from flows.retrain import deployment
+
+    served = deployment("0 3 * * 1", parameters={"repo": "/srv/femb", "push": True})
+    (schedule,) = served.schedules
+    assert schedule.schedule.cron == "0 3 * * 1"
+    assert schedule.schedule.timezone == "UTC"
+    assert served.name == "femb-retrain" and served.flow_name == "femb-retrain"
+    assert served.parameters == {"repo": "/srv/femb", "push": True}
+    assert served.entrypoint.endswith("flows/retrain.py:retrain")
+    assert served.concurrency_limit == 1
+    with pytest.raises(FembError, match="--cron 'every monday'"):
+        deployment("every monday")
+
+
+def test_serving_without_a_prefect_server_says_how_to_start_one(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["serve", "--cron", "0 3 * * 1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "PREFECT_API_URL is not set" in line and "make prefect-server" in line
+
+
+# The head comparison.
+
+
+def test_leaderboard_table_marks_the_best_head_unmeasurable_fars_and_failed_heads():
+    from flows.compare import markdown_table
+
+    def row(head, acc, tar, below=()):
+        sets = {
+            "lfw": {
+                "accuracy": acc,
+                "accuracy_std": 0.01,
+                "tar_at_far": tar,
+                "far_below_resolution": list(below),
+            }
+        }
+        return {
+            "head": head,
+            "experiment": f"exp-{head}",
+            "sets": sets,
+            "mean_accuracy": acc,
+            "train_seconds": 125.0,
+        }
+
+    rows = [
+        row("arcface", 0.9950, {"1e-04": 0.91, "1e-02": 0.99}, below=["1e-04"]),
+        row("magface", 0.9965, {"1e-04": 0.93, "1e-02": 0.995}, below=["1e-04"]),
+    ]
+    lines = markdown_table(rows, {"adaface": "dvc exp run -S header=adaface: stage train: bad"}).splitlines()
+    assert lines[0] == (
+        "|  | head | experiment | lfw accuracy (%) | lfw TAR@FAR=1e-04 | lfw TAR@FAR=1e-02 "
+        "| mean accuracy (%) | train time |"
+    )
+    assert (
+        lines[2] == "| ★ | **magface** | `exp-magface` | 99.65 ± 1.00 | 0.9300† | 0.9950 | 99.65 | 2m 05s |"
+    )
+    assert lines[3].startswith("|  | arcface | `exp-arcface` | 99.50 ± 1.00 |")
+    assert lines[4].startswith("| ✗ | adaface | failed |")
+    assert any(line.startswith("† ") for line in lines)
+    assert "✗ adaface: dvc exp run -S header=adaface: stage train: bad" in lines
+
+
+# The head comparison on the real femb pipeline.
+
+
+def copy_checkout(dest: Path) -> None:
+    """This checkout's sources, committed or not, without outputs of earlier runs or DVC's own state."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    produced = ("dvc.lock", "metrics/", "plots/", "models/", "reports/", "data/")
+    for name in filter(None, listed.split("\0")):
+        if name.startswith(produced) or not (REPO / name).is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+
+
+@pytest.mark.slow
+def test_compare_trains_two_heads_and_writes_the_leaderboard(prefect_server, tmp_path, monkeypatch):
+    from flows.compare import compare
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # stages import femb from the copy they run in
+    repo = tmp_path / "femb"
+    copy_checkout(repo)
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"]["synth"] = {"identities": 24, "images_per_identity": 6, "pairs": 40, "seed": 3}
+    params["train"].update(max_steps=4, batch_size=32, num_workers=0, warmup_steps=0, val_every=2)
+    params["evaluate"]["batch_size"] = 64
+    params["compare"] = {"headers": ["arcface", "cosface"]}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "-c", "init.defaultBranch=main", "init", "-q")
+    git(repo, "config", "user.name", "femb test")
+    git(repo, "config", "user.email", "test@femb.invalid")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "small demo")
+
+    result = compare(repo=str(repo), retries=0, retry_delay=0)
+
+    assert result["heads"] == ["arcface", "cosface"] and not result["failed"]
+    assert [row["header_param"] for row in result["rows"]] == ["arcface", "cosface"]  # -S header= took effect
+    for row in result["rows"]:
+        assert set(row["sets"]) == {"demo", "demo_hard"}
+        assert all(0.0 <= s["accuracy"] <= 1.0 for s in row["sets"].values())
+        assert row["train_seconds"] > 0 and row["steps"] == 4
+    best = max(result["rows"], key=lambda row: row["mean_accuracy"])
+    assert result["best"] == best["head"]
+
+    table = (repo / "reports" / "compare.md").read_text()
+    assert "| demo accuracy (%) | demo TAR@FAR=1e-04 |" in table and "| demo_hard TAR@FAR=1e-02 |" in table
+    assert f"| ★ | **{best['head']}** | `{best['experiment']}` |" in table
+    assert all(f"`{row['experiment']}`" in table for row in result["rows"])
+    assert "![accuracy by head](compare.png)" in table
+    chart = (repo / "reports" / "compare.png").read_bytes()
+    assert chart.startswith(b"\x89PNG\r\n\x1a\n") and len(chart) > 10_000
+    assert json.loads((repo / "reports" / "compare.json").read_text())["best"] == best["head"]
+    names = dvc(repo, "exp", "list", "--name-only")
+    assert all(row["experiment"] in names for row in result["rows"])
