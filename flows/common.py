@@ -17,6 +17,7 @@ The rule (`classify_failure`), first match wins:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import queue
@@ -213,6 +214,17 @@ def with_retries(name: str, retries: int, retry_delay: float) -> Task:
 def failed(error: BaseException) -> State:
     """A Failed state carrying `error`: a flow returns it to fail with that one-line message, no traceback logged."""
     return Failed(message=str(error), data=error)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every flow command shares: the workspace, and how transient failures are retried."""
+    parser.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
+    parser.add_argument(
+        "--retries", type=int, default=3, help="retries after a transient failure (default: 3)"
+    )
+    parser.add_argument(
+        "--retry-delay", type=float, default=30.0, help="first retry delay in s, doubling (default: 30)"
+    )
 
 
 def run_main(prog: str, call: Callable[[], Any]) -> int:

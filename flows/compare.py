@@ -25,7 +25,7 @@ from femb.config import load_params
 from femb.errors import FembError
 from femb.headers import list_headers
 from femb.io import atomic_path
-from flows.common import DvcError, failed, run_logger, run_main, with_retries
+from flows.common import DvcError, add_run_arguments, failed, run_logger, run_main, with_retries
 
 PARAMS = "params.yaml"
 EVAL_METRICS = "metrics/eval.json"
@@ -287,14 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "headers", nargs="*", help="heads to compare (default: compare.headers in params.yaml)"
     )
-    parser.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
+    add_run_arguments(parser)
     parser.add_argument("--out", default="reports", help="where compare.md/.png/.json go (default: reports)")
-    parser.add_argument(
-        "--retries", type=int, default=3, help="retries after a transient failure (default: 3)"
-    )
-    parser.add_argument(
-        "--retry-delay", type=float, default=30.0, help="first retry delay in s, doubling (default: 30)"
-    )
     args = parser.parse_args(argv)
     return run_main(
         parser.prog,

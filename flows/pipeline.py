@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow
 
 from femb.errors import FembError
-from flows.common import DvcError, failed, run_dvc, run_logger, run_main, with_retries
+from flows.common import DvcError, add_run_arguments, failed, run_dvc, run_logger, run_main, with_retries
 
 DAG_EDGE = re.compile(r'^"(?P<up>[^"]+)"\s*->\s*"(?P<down>[^"]+)";?$')
 
@@ -104,13 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flows.pipeline [STAGE ...]`: run the pipeline locally (a temporary Prefect server)."""
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("stages", nargs="*", help="stages to run, in DAG order (default: all)")
-    parser.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
-    parser.add_argument(
-        "--retries", type=int, default=3, help="retries after a transient failure (default: 3)"
-    )
-    parser.add_argument(
-        "--retry-delay", type=float, default=30.0, help="first retry delay in s, doubling (default: 30)"
-    )
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     return run_main(
         parser.prog,

@@ -231,9 +231,19 @@ def test_unknown_argument_error_names_it_and_the_valid_ones():
 def test_iresnet_tiny_keeps_official_block_names_and_embeds_112px_faces():
     model = create_backbone("iresnet_tiny", num_features=128).eval()
     names = {k.split(".")[0] for k in model.state_dict()}
-    assert names == {"conv1", "bn1", "prelu", "layer1", "layer2", "layer3", "layer4", "bn2", "dropout", "fc", "features"} - {
-        "dropout"
-    }
+    assert names == {
+        "conv1",
+        "bn1",
+        "prelu",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "bn2",
+        "dropout",
+        "fc",
+        "features",
+    } - {"dropout"}
     assert model.fc.in_features == 128 * 4 * 4  # 112 -> 56 (stem) -> 28 -> 14 -> 7 -> 4
     with torch.no_grad():
         assert model(torch.randn(2, 3, 112, 112)).shape == (2, 128)

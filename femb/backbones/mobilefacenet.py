@@ -20,7 +20,7 @@ _Pair = tuple[int, int]
 
 
 class ConvBlock(nn.Module):
-    """Conv (no bias) -> BatchNorm -> PReLU."""
+    """Conv (no bias) -> BatchNorm -> PReLU, or without the PReLU (`activation=False`)."""
 
     def __init__(
         self,
@@ -30,38 +30,26 @@ class ConvBlock(nn.Module):
         stride: _Pair = (1, 1),
         padding: _Pair = (0, 0),
         groups: int = 1,
+        activation: bool = True,
     ):
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_c),
-            nn.PReLU(out_c),
-        )
+        ]
+        if activation:
+            layers.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
+class LinearBlock(ConvBlock):
     """Conv (no bias) -> BatchNorm, no activation (the linear bottleneck)."""
 
-    def __init__(
-        self,
-        in_c: int,
-        out_c: int,
-        kernel: _Pair = (1, 1),
-        stride: _Pair = (1, 1),
-        padding: _Pair = (0, 0),
-        groups: int = 1,
-    ):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_c, out_c, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_c),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, activation=False)
 
 
 class DepthWise(nn.Module):
