@@ -93,6 +93,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
             metrics = json.loads(Path(args.metrics).read_text())
         except (OSError, ValueError) as err:
             raise FembError(f"{args.metrics}: cannot read the metrics JSON ({err})") from None
+        bad = not isinstance(metrics, dict) or any(
+            isinstance(v, dict) and not isinstance(v.get("accuracy"), (int, float)) for v in metrics.values()
+        )
+        if bad:
+            raise FembError(f"{args.metrics}: not a metrics file of femb evaluate (set -> accuracy, ...)")
     info = export_onnx(
         Path(args.weights),
         Path(args.output),
@@ -208,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         func(args)
     except FembError as err:
         print(f"{_command_name(argv)}: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a path the user gave cannot be read or written (missing, denied, disk full)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{_command_name(argv)}: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{_command_name(argv)}: interrupted", file=sys.stderr)

@@ -81,6 +81,8 @@ def read_backbone_state_dict(path: Path | str) -> tuple[dict[str, Tensor], str |
             recorded = _backbone_from_hparams(obj.get("hyper_parameters"))
     else:
         state = obj
+    if not isinstance(state, Mapping):
+        raise FembError(f"{path}: its state dict is a {type(state).__name__}, not a mapping of tensors")
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         top = ", ".join(repr(k) for k in list(obj)[:_SHOWN])

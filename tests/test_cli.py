@@ -85,3 +85,24 @@ def test_embed_command_names_an_unreadable_image(tmp_path):
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and str(bad) in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_unwritable_output_path_is_one_line_without_traceback(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_femb("synth", str(blocker / "demo"), "--identities", "2", "--images-per-identity", "2")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and str(blocker) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_refuses_a_metrics_file_of_the_wrong_shape_before_writing(tmp_path):
+    from femb.backbones import create_backbone
+    from femb.weights import save_backbone
+
+    weights = save_backbone(create_backbone("iresnet_tiny"), tmp_path / "backbone.pth", "iresnet_tiny")
+    (metrics := tmp_path / "metrics.json").write_text('{"lfw": {"accuracy": "0.9"}}')
+    out = tmp_path / "model.onnx"
+    result = run_femb("export", "--weights", str(weights), "--output", str(out), "--metrics", str(metrics))
+    assert result.returncode == 1 and "not a metrics file" in result.stderr
+    assert not out.exists() and not out.with_suffix(".md").exists()

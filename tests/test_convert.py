@@ -471,3 +471,11 @@ def test_cli_converts_and_reports_counts(source: tuple, tmp_path: Path) -> None:
     result = run_cli(str(src), str(tmp_path / "out"), "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert f"{len(images)} images of 4 identities in 1 shard(s), 1 pair set(s)" in result.stdout
+
+
+def test_pair_set_named_like_a_train_shard_is_refused_before_writing(source: tuple, tmp_path: Path) -> None:
+    src, _ = source
+    (src / "lfw.bin").rename(src / "train-hard.bin")
+    with pytest.raises(FembError, match="train-hard.bin: a pair set named train-"):
+        convert(src, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()

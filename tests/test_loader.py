@@ -409,3 +409,30 @@ def test_resume_refuses_more_batches_than_the_epoch_holds(shards):
     loader = make_train_loader(out, 8, 0)
     with pytest.raises(FembError, match="batches_done"):
         loader.dataset.resume(epoch=0, batches_done=17)
+
+
+def test_only_exact_shard_names_are_read_as_training_data(tmp_path):
+    write_shards(tmp_path, [40])
+    pq.write_table(
+        pa.table({"left": [b"x"], "right": [b"y"], "is_same": [True]}), tmp_path / "train-hard.parquet"
+    )
+    stream = ShardStream(tmp_path, batch_size=8)
+    assert [p.name for p in stream.files] == ["train-00000-of-00001.parquet"]
+
+
+def test_decompression_bomb_is_a_decode_error_not_a_crash():
+    import struct
+    import zlib
+
+    from femb.data.decode import decode_rgb
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    # A valid PNG header claiming 20000 x 20000 pixels: PIL refuses it as a decompression bomb.
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_rgb(png)

@@ -277,7 +277,7 @@ def test_idx_offset_past_end_of_file_is_refused_on_open(tmp_path: Path) -> None:
     assert str(idx) in message and "key 9" in message and "999,999" in message and "past the end" in message
 
 
-@pytest.mark.parametrize("line", ["3\tabc", "3 48", "3\t48\t1", "x"])
+@pytest.mark.parametrize("line", ["3\tabc", "3 48", "3\t48\t1", "x", "3\t4.5", "3\t48x"])
 def test_malformed_idx_line_is_named_by_number(tmp_path: Path, line: str) -> None:
     header_dataset(tmp_path / "d", [0, 1]).close()
     idx = tmp_path / "d" / "train.idx"

@@ -323,3 +323,10 @@ def test_iresnet_tiny_is_inferred_from_its_state_dict(tmp_path):
     loaded = load_backbone(tmp_path / "tiny.pth")
     assert loaded.fc.out_features == 64
     assert loaded.conv1.stride == (2, 2)
+
+
+def test_checkpoint_whose_state_dict_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "checkpoint_gpu_0.pt"
+    torch.save({"state_dict_backbone": [torch.zeros(1)]}, path)
+    with pytest.raises(FembError, match="not a mapping of tensors"):
+        load_backbone(path)

@@ -30,7 +30,7 @@ def _decode_with_pil(data: bytes, size: int, out: np.ndarray) -> None:
             if img.size != (size, size):
                 raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
             out[...] = np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError) as exc:  # PIL's errors for unknown or corrupt formats
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # unknown, corrupt or huge images
         raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
 
 

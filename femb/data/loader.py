@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,11 +27,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from femb.data.decode import IMAGE_SIZE, ImageDecodeError, decode_batch
+from femb.data.shards import SHARD_NAME
 from femb.errors import FembError
 
 SHARD_GLOB = "train-*.parquet"
 DEFAULT_SHUFFLE_BUFFER = 8192  # rows per worker: ~60 MB of encoded 112x112 JPEGs, several row groups deep
-_SHARD_NAME = re.compile(r"train-(\d+)-of-(\d+)\.parquet")
 _COLUMNS = ("key", "label", "image")
 _EXPECTED_TYPES = {
     "key": (pa.int64(),),
@@ -80,7 +79,7 @@ def _check_shard_set(shards_dir: Path, files: list[Path]) -> None:
     """Refuse a mix of shard sets (stale shards of an earlier convert would silently join the data)."""
     totals: dict[int, set[int]] = {}
     for path in files:
-        match = _SHARD_NAME.fullmatch(path.name)
+        match = SHARD_NAME.fullmatch(path.name)
         if match:
             totals.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
     if len(totals) > 1:
@@ -102,7 +101,7 @@ def scan_shards(shards_dir: Path | str) -> tuple[list[Path], list[Unit]]:
         raise ShardError(
             f"{shards_dir}: shard directory does not exist (run `femb convert SRC {shards_dir}`)"
         )
-    files = sorted(shards_dir.glob(SHARD_GLOB))
+    files = sorted(p for p in shards_dir.glob(SHARD_GLOB) if SHARD_NAME.fullmatch(p.name))
     if not files:
         raise ShardError(f"{shards_dir}: no {SHARD_GLOB} shards in this directory (run `femb convert`)")
     _check_shard_set(shards_dir, files)

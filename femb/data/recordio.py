@@ -95,7 +95,8 @@ def _parse_idx(path: Path) -> tuple[np.ndarray, np.ndarray]:
     one_tab_per_line = tabs.size == lines and np.array_equal(
         np.searchsorted(newlines, tabs), np.arange(lines)
     )
-    if one_tab_per_line and b" " not in data:
+    digits_only = bool(np.isin(raw, np.frombuffer(b"0123456789-\t\r\n", dtype=np.uint8)).all())
+    if one_tab_per_line and digits_only:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # numpy < 2.3 warns on unparsable text, newer ones raise

@@ -49,7 +49,7 @@ ROW_GROUP_ROWS = 2048  # ~15 MB of 112x112 JPEGs: the unit the loader shuffles, 
 ROW_GROUP_MAX_BYTES = 256 << 20  # a row group's image bytes (keeps Arrow int32 offsets far from overflow)
 MANIFEST = "manifest.json"
 SAMPLE_BYTES = 1 << 20
-_SHARD_NAME = re.compile(r"train-\d{5}-of-\d{5}\.parquet")
+SHARD_NAME = re.compile(r"train-(\d{5})-of-(\d{5})\.parquet")  # the loader reads exactly these
 _TEMP_NAME = re.compile(r"\.(.+\.parquet|manifest\.json)\.[0-9a-f]{8}\.tmp")
 _VIEW_SPAN_LIMIT = (1 << 31) - 1  # Arrow view offsets are int32: a row group's bytes must lie this close
 _MAX_REPORTED = 10  # corrupt keys named in a verify error
@@ -586,8 +586,10 @@ def _check_bins(src: Path, bins: list[Path]) -> dict[str, int]:
 
     counts = {}
     for path in bins:
-        if _SHARD_NAME.fullmatch(path.stem + ".parquet") or path.stem + ".parquet" == MANIFEST:
-            raise FembError(f"{path}: its name would clash with a train shard in the output; rename it")
+        if path.stem.startswith("train-"):
+            raise FembError(
+                f"{path}: a pair set named train-* would read as a train shard in the output; rename it"
+            )
         counts[path.stem] = len(read_bin(path)[1])
     return counts
 

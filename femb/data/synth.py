@@ -735,7 +735,7 @@ def synthesize(
             name: {
                 "pairs": len(plan),
                 "positive": sum(a == b for a, b in plan),
-                "people": len(set(sum(plan, ()))),
+                "people": len({person for pair in plan for person in pair}),
             }
             for name, plan in plans.items()
         },

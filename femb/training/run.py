@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from femb.config import Params
+from femb.data.shards import SHARD_NAME
 from femb.errors import FembError
 from femb.io import write_json
 from femb.training.callbacks import BackboneExport, PeriodicVerification, Throughput
@@ -28,7 +29,7 @@ warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__
 
 def default_val_sets(shards: Path) -> list[Path]:
     """The pair sets `femb convert` wrote next to the shards (every `<name>.parquet` but the shards)."""
-    return sorted(p for p in shards.glob("*.parquet") if not p.name.startswith("train-"))
+    return sorted(p for p in shards.glob("*.parquet") if not SHARD_NAME.fullmatch(p.name))
 
 
 def _fingerprint(params: Params) -> str:
