@@ -7,7 +7,6 @@ defaults (the papers' values), so they are not repeated here.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,10 +174,6 @@ class Params(Section):
         """The hyper-parameters of head `name` (default: the trained one): its defaults, then params.yaml."""
         name = name or self.header
         return {**header_defaults(name), **(self.headers.get(name) or {})}
-
-    def total_steps_hint(self) -> float:
-        """max_steps if set, else infinity (the trainer derives it from epochs)."""
-        return self.train.max_steps if self.train.max_steps > 0 else math.inf
 
 
 def _section_keys(loc: tuple[Any, ...]) -> list[str]:

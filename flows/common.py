@@ -3,14 +3,14 @@ sorted into transient (retried with backoff) and permanent (not retried).
 
 The rule (`classify_failure`), first match wins:
 
-1. transient: dvc or a stage killed by a signal (the OOM killer: "exited with -9"), DVC's workspace lock
-   held by another run, CUDA / NCCL errors, memory exhaustion, network and I/O errors (looked for
-   outside femb's own one-line errors).
+1. transient: dvc or a stage killed by a signal (the OOM killer: "exited with -9", a preempted node).
 2. permanent: a femb user error, printed as one line by a stage (``stage train: params.yaml: ...``, see
-   stages/common.py) or by the femb CLI (``femb convert: ...``); DVC refusing dvc.yaml, params.yaml, a
-   ``-S`` override, its config (no remote) or its command line (parse errors, missing params, unknown
-   stage). Editing a file fixes these; waiting does not.
-3. transient: anything else (a crash without a user error). Retries are few and bounded, so an
+   stages/common.py) or by the femb CLI (``femb convert: ...``), whatever else the log says (Lightning
+   mentions CUDA on every GPU run); DVC refusing dvc.yaml, params.yaml, a ``-S`` override, its config
+   (no remote) or its command line (parse errors, missing params, unknown stage). Editing a file fixes
+   these; waiting does not.
+3. transient: DVC's workspace lock held by another run, CUDA / NCCL errors, memory exhaustion, network
+   and I/O errors, and anything else (a crash without a user error). Retries are few and bounded, so an
    unknown failure costs minutes, while giving up on a recoverable one costs the scheduled run. A
    missing input falls here too: the mount that holds `data.source` may come back.
 """
@@ -43,7 +43,8 @@ from femb.errors import FembError
 FailureKind = Literal["transient", "permanent"]
 
 TRANSIENT_MARKERS = re.compile(
-    r"exited with -\d+|Unable to acquire lock|\bCUDA\b|\bNCCL\b|out of memory|OutOfMemoryError|MemoryError"
+    r"exited with -\d+|Unable to acquire lock|CUDA error|CUDA out of memory|NCCL error|out of memory|OutOfMemoryError"
+    r"|MemoryError"
     r"|Connection(?:Error| refused| reset| aborted)|[Tt]imed? ?out|Temporary failure|Network is unreachable"
     r"|Input/output error|Stale file handle|Resource temporarily unavailable"
 )
@@ -85,10 +86,12 @@ def classify_failure(returncode: int, stderr: Sequence[str]) -> FailureKind:
     text = "\n".join(
         line for line in stderr if not USER_ERROR_LINE.match(line)
     )  # a user error may say "CUDA"
-    if returncode < 0 or TRANSIENT_MARKERS.search(text):
+    if returncode < 0:  # killed by a signal (the OOM killer, a preempted node)
         return "transient"
-    if user or DVC_CONFIG_ERROR.search(text):
+    if user or DVC_CONFIG_ERROR.search(text):  # femb's own one-line errors win over any marker in the log
         return "permanent"
+    if TRANSIENT_MARKERS.search(text):
+        return "transient"
     return "transient"
 
 

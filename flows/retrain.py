@@ -27,7 +27,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
 
 from femb.errors import FembError
-from flows.common import failed, run_logger, run_main, with_retries
+from flows.common import add_run_arguments, failed, run_logger, run_main, with_retries
 from flows.pipeline import pipeline
 
 DATA_STAGES = ("convert",)
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flows.retrain [run] | serve --cron CRON`: retrain once, or serve on a schedule."""
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n")[0])
     parser.add_argument("command", nargs="?", choices=("run", "serve"), default="run")
-    parser.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
+    add_run_arguments(parser)
     parser.add_argument(
         "--data-stage",
         action="append",
@@ -102,12 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="retrain even if the data did not change")
     parser.add_argument("--no-push", dest="push", action="store_false", help="do not `dvc push` afterwards")
-    parser.add_argument(
-        "--retries", type=int, default=3, help="retries after a transient failure (default: 3)"
-    )
-    parser.add_argument(
-        "--retry-delay", type=float, default=30.0, help="first retry delay in s, doubling (default: 30)"
-    )
     parser.add_argument("--cron", default="0 3 * * 1", help="serve: the schedule (default: Mondays 03:00)")
     parser.add_argument("--timezone", default="UTC", help="serve: the cron's time zone (default: UTC)")
     parser.add_argument(

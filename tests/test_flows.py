@@ -155,6 +155,11 @@ def test_crashes_locks_gpu_network_and_unknown_failures_are_transient(returncode
         ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"],
         ["ERROR: failed to push data to the cloud - config file error: no remote specified in /srv/femb."],
         ["stage train: params.yaml: train.accelerator: 'cuda' requested but no CUDA device is visible"],
+        [
+            "You are using a CUDA device ('NVIDIA H200') that has Tensor Cores. To properly utilize them, ...",
+            "stage train: training diverged: the loss is nan at step 812 (lr=0.1, precision=16-mixed); lower ...",
+            "ERROR: failed to reproduce 'train': failed to run: python -m stages.train, exited with 1",
+        ],
         ["'./dvc.yaml' is invalid.", "", "Mapping values are not allowed here, in line 7, column 58"],
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -46,9 +47,18 @@ def test_training_writes_checkpoints_backbone_and_metrics(demo_shards, tmp_path)
     assert summary["steps"] == 12 and summary["images_per_sec"] > 0
     assert (out / "checkpoints" / "last.ckpt").exists() and (out / "checkpoints" / "best.ckpt").exists()
     assert json.loads((out / "summary.json").read_text())["steps"] == 12
-    metrics = json.loads((out / "dvclive" / "metrics.json").read_text())
-    assert {"loss", "lr", "images_per_sec"} <= set(metrics["train"])
-    assert 0.0 <= metrics["val"]["accuracy"] <= 1.0 and 0.0 <= metrics["val"]["demo_hard"]["accuracy"] <= 1.0
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_sec",
+        "val/accuracy",
+        "val/demo_hard/accuracy",
+    } <= columns
+    accuracies = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
+    assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies)
     # backbone.pth is a plain official-key state dict that arcface_torch's load_state_dict takes
     state = torch.load(out / "backbone.pth", weights_only=True)
     assert "fc.weight" in state and not any(k.startswith("backbone.") for k in state)
@@ -86,14 +96,15 @@ def _run(params: dict, kill_at: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(demo_shards, tmp_path, workers):
-    # 320 images / batch 16 = 20 batches per epoch: the checkpoint at step 7 is mid-epoch, and with
-    # 2 workers resuming 7 batches in also exercises the loader's worker reordering.
-    whole = small_params(demo_shards, tmp_path / "whole", num_workers=workers)
+@pytest.mark.parametrize(("workers", "every", "kill_at"), [(0, 7, 11), (2, 7, 11), (0, 10, 23)])
+def test_killed_run_resumes_to_the_uninterrupted_weights(demo_shards, tmp_path, workers, every, kill_at):
+    # 320 images / batch 16 = 20 batches per epoch: the checkpoint at step 7 is mid-epoch (with 2
+    # workers, resuming 7 batches in also exercises the loader's reordering); the one at step 20 ends
+    # epoch 0, so the resumed run must start epoch 1's order.
+    whole = small_params(demo_shards, tmp_path / "whole", num_workers=workers, checkpoint_every=every)
     assert _run(whole, -1).returncode == 0
-    cut = small_params(demo_shards, tmp_path / "cut", num_workers=workers)
-    killed = _run(cut, 11)
+    cut = small_params(demo_shards, tmp_path / "cut", num_workers=workers, checkpoint_every=every)
+    killed = _run(cut, kill_at)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = _run(cut, -1)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -179,3 +190,27 @@ def test_checkpoint_of_another_class_count_is_refused_naming_both(demo_shards, t
     checkpoint = {"hyper_parameters": {**module.hparams, "num_classes": 93431}, "state_dict": {}}
     with pytest.raises(FembError, match="num_classes is 93431 in the checkpoint but 40 in this run"):
         module.on_load_checkpoint(checkpoint)
+
+
+def test_gradient_clipping_bounds_the_backbone_and_leaves_the_class_centres(demo_shards):
+    from femb.training.module import FaceRecognitionModule
+
+    module = FaceRecognitionModule(num_classes=40, backbone="iresnet_tiny", embedding_size=64)
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0)
+    backbone_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in module.backbone.parameters()])
+    )
+    assert backbone_norm == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(module.header.weight.grad, torch.full_like(module.header.weight, 3.0))
+
+
+def test_resume_with_other_loader_workers_is_refused(demo_shards, tmp_path):
+    from femb.training.datamodule import ShardDataModule
+
+    data = ShardDataModule(demo_shards, 16, num_workers=0)
+    data.load_state_dict({"epoch": 0, "batches_done": 3, "world_size": 1, "num_workers": 2})
+    data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(FembError, match="resume with the same devices x nodes and train.num_workers"):
+        data.train_dataloader()

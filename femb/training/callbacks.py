@@ -43,6 +43,7 @@ class PeriodicVerification(L.Callback):
         if step % self.every_n_steps and not self._is_last_step(trainer):
             return
         self._last_step = step
+        pl_module.check_diverged()  # a diverged GPU run: say so, not "embeddings contain NaN"
         metrics = self.evaluate(pl_module) if trainer.is_global_zero else {}
         metrics = trainer.strategy.broadcast(metrics, src=0)
         for key, value in metrics.items():  # for ModelCheckpoint(monitor=...) and the progress bar
@@ -104,6 +105,7 @@ class BackboneExport(L.Callback):
         self.backbone = backbone
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.check_diverged()  # never export the weights of a diverged run
         if trainer.is_global_zero:
             with torch.no_grad():
                 save_backbone(pl_module.backbone, self.path, self.backbone, plain=True)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from femb.data.loader import make_train_loader, read_num_classes
+from femb.errors import FembError
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -53,18 +54,32 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available()
             and trainer.accelerator.__class__.__name__ == "CUDAAccelerator",
         )
-        epoch = trainer.current_epoch
         resume, self._resume = self._resume, None
-        if resume is not None and resume["epoch"] == epoch and resume["batches_done"] < len(loader):
-            loader.dataset.resume(epoch, resume["batches_done"])
+        if resume is None:
+            loader.dataset.set_epoch(trainer.current_epoch)
+            return loader
+        layout = {"world_size": trainer.world_size, "num_workers": self.num_workers}
+        saved = {key: resume.get(key, value) for key, value in layout.items()}
+        if saved != layout:
+            raise FembError(
+                f"checkpoint: its data order was made with {saved}, this run has {layout}; "
+                "resume with the same devices x nodes and train.num_workers"
+            )
+        if resume["batches_done"] >= len(loader):  # saved at an epoch's last batch: the next epoch is whole
+            loader.dataset.set_epoch(resume["epoch"] + 1)
         else:
-            loader.dataset.set_epoch(epoch)
+            loader.dataset.resume(resume["epoch"], resume["batches_done"])
         return loader
 
     def state_dict(self) -> dict[str, Any]:
         # Saved from a batch-end hook: `ready` counts the batches of this epoch that have been trained on.
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": int(progress.ready)}
+        return {
+            "epoch": self.trainer.current_epoch,
+            "batches_done": int(progress.ready),
+            "world_size": self.trainer.world_size,
+            "num_workers": self.num_workers,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}
+        self._resume = dict(state_dict)

@@ -121,9 +121,10 @@ class FaceRecognitionModule(L.LightningModule):
         self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
         interval = getattr(self.trainer, "log_every_n_steps", 50) if self._trainer is not None else 1
         if self.global_step % max(1, interval) == 0:
-            self._raise_if_diverged()
+            self.check_diverged()
 
-    def _raise_if_diverged(self) -> None:
+    def check_diverged(self) -> None:
+        """Raise the divergence error if any step so far had a non-finite loss (a GPU run defers the check)."""
         if self._first_bad is not None and int(self._first_bad) >= 0:
             raise FembError(self._nonfinite_message(float(self._bad_loss), int(self._first_bad)))
 
@@ -134,6 +135,20 @@ class FaceRecognitionModule(L.LightningModule):
             f"(lr={self.hparams.lr}, precision={precision}); lower train.lr or add warmup, or use "
             "precision 32-true / bf16-mixed instead of 16-mixed; the last good checkpoint is kept"
         )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the backbone's gradient norm only, as arcface_torch does.
+
+        The class centres stay out: with partial FC each rank holds other centres, and a norm over
+        them would scale each replica's backbone gradient differently.
+        """
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), gradient_clip_val)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -162,7 +177,7 @@ class FaceRecognitionModule(L.LightningModule):
         return directory / "partial_fc" / f"step{step:09d}-rank{rank}-of-{world_size}.pt"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._raise_if_diverged()  # never write the weights of a diverged run
+        self.check_diverged()  # never write the weights of a diverged run
         if self.partial_fc is not None and self.trainer.world_size > 1:
             # Each rank holds different class centres: every rank writes its own shard (PartialFC v2 style).
             path = self._shard_file(self.global_step)

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger
 
 from femb.config import Params
 from femb.data.shards import SHARD_NAME
@@ -33,20 +34,20 @@ def default_val_sets(shards: Path) -> list[Path]:
 
 
 def _fingerprint(params: Params) -> str:
-    """What must not change for a run to be resumed: everything but the hardware and logging knobs."""
-    relevant = params.model_dump(mode="json", exclude={"evaluate", "export", "compare"})
-    for key in (
-        "devices",
-        "num_nodes",
-        "accelerator",
-        "strategy",
-        "num_workers",
-        "checkpoint_every",
-        "val_every",
-    ):
+    """What must not change for a run to be resumed: the data, the model, the head and the optimisation.
+
+    Hardware, logging and evaluation knobs may change (devices and loader workers are checked
+    separately when the data position is restored); so may other heads' hyper-parameters.
+    """
+    relevant = params.model_dump(mode="json", include={"backbone", "embedding_size", "header", "train"})
+    for key in ("devices", "num_nodes", "accelerator", "strategy", "num_workers", "checkpoint_every"):
         relevant["train"].pop(key, None)
-    relevant["data"] = {"shards": relevant["data"]["shards"]}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    for key in ("val_every", "val_sets", "out_dir"):
+        relevant["train"].pop(key, None)
+    relevant["header_hparams"] = params.header_hparams()
+    manifest = params.data.shards / "manifest.json"
+    relevant["data"] = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_module(params: Params, num_classes: int) -> FaceRecognitionModule:
@@ -93,16 +94,23 @@ def _resume_checkpoint(out_dir: Path, fingerprint: str) -> Path | None:
     return last
 
 
+def resuming(params: Params) -> bool:
+    """Whether `train(params)` will continue a cut-short run (its out_dir holds a last.ckpt)."""
+    return (params.train.out_dir / "checkpoints" / "last.ckpt").exists()
+
+
 def train(
     params: Params,
     callbacks: Sequence[L.Callback] = (),
     progress: bool | None = None,
+    loggers: Sequence[Logger] | None = None,
 ) -> dict[str, Any]:
     """Train `params.backbone` with `params.header` on `params.data.shards`; resume if a run was cut short.
 
-    Returns the summary on rank 0 and {} on the other ranks. Writes under `train.out_dir`: `checkpoints/last.ckpt` (every `checkpoint_every` steps and at the
-    end), `checkpoints/best.ckpt` (by mean verification accuracy), `backbone.pth` (official key
-    names), `dvclive/` metrics and plots, and `summary.json`. Returns the summary.
+    Writes under `train.out_dir`: `checkpoints/last.ckpt` (every `checkpoint_every` steps and at
+    the end), `checkpoints/best.ckpt` (by mean verification accuracy), `backbone.pth` (official
+    key names) and `summary.json`; metrics go to `loggers` (default: CSV under `logs/`; the DVC
+    stage passes DVCLive). Returns the summary on rank 0 and {} on the other ranks.
     """
     t = params.train
     out_dir = t.out_dir
@@ -113,14 +121,12 @@ def train(
     fingerprint = _fingerprint(params)
     resume = _resume_checkpoint(out_dir, fingerprint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run.json").write_text(
-        json.dumps({"fingerprint": fingerprint, "params": params.model_dump(mode="json")})
-    )
+    write_json(out_dir / "run.json", {"fingerprint": fingerprint, "params": params.model_dump(mode="json")})
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(params, num_classes)
     verification = PeriodicVerification(val_sets, t.val_every, batch_size=params.evaluate.batch_size)
-    throughput = Throughput(t.batch_size * t.accumulate_grad_batches)
+    throughput = Throughput(t.batch_size)
     checkpoints = out_dir / "checkpoints"
     every = [
         throughput,  # first, so that its step time excludes the verification below
@@ -146,11 +152,8 @@ def train(
     show = sys.stderr.isatty() if progress is None else progress
     if show:
         every.append(RichProgressBar())
-    from dvclive.lightning import DVCLiveLogger
-
-    logger = DVCLiveLogger(
-        dir=str(out_dir / "dvclive"), save_dvc_exp=False, dvcyaml=None, resume=resume is not None, report=None
-    )
+    if loggers is None:
+        loggers = [CSVLogger(out_dir, name="logs", version="")]
     trainer = L.Trainer(
         default_root_dir=out_dir,
         max_epochs=t.max_epochs,
@@ -163,7 +166,7 @@ def train(
         gradient_clip_val=t.gradient_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=every,
-        logger=logger,
+        logger=list(loggers),
         log_every_n_steps=10,
         enable_progress_bar=show,
         enable_model_summary=False,
@@ -173,6 +176,7 @@ def train(
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
+    trainer.save_checkpoint(checkpoints / "last.ckpt")  # the end state, whatever step the last save was at
     summary = {
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
@@ -191,4 +195,4 @@ def train(
     return summary
 
 
-__all__ = ["build_module", "default_val_sets", "train"]
+__all__ = ["build_module", "default_val_sets", "resuming", "train"]
