@@ -176,6 +176,18 @@ class FaceRecognitionModule(L.LightningModule):
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
         return directory / "partial_fc" / f"step{step:09d}-rank{rank}-of-{world_size}.pt"
 
+    def _prune_shards(self, current: Path) -> None:
+        """Keep this rank's shards of the steps last.ckpt and best.ckpt refer to; 175 MB each for MS1MV2."""
+        keep = {self.global_step}
+        for callback in self.trainer.callbacks:
+            history = getattr(callback, "history", None)
+            if history and "val/accuracy" in history[0]:
+                keep.add(max(history, key=lambda h: h["val/accuracy"])["step"])
+        suffix = current.name.split("-", 1)[1]  # rank<r>-of-<w>.pt
+        for path in current.parent.glob(f"step*-{suffix}"):
+            if int(path.name[4:13]) not in keep:
+                path.unlink(missing_ok=True)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_diverged()  # never write the weights of a diverged run
         if self.partial_fc is not None and self.trainer.world_size > 1:
@@ -185,6 +197,7 @@ class FaceRecognitionModule(L.LightningModule):
             tmp = path.with_name(path.name + ".tmp")
             torch.save(self.header.state_dict(), tmp)
             tmp.replace(path)
+            self._prune_shards(path)
             checkpoint["femb_partial_fc"] = {"world_size": self.trainer.world_size, "step": self.global_step}
             for key in [k for k in checkpoint["state_dict"] if k.startswith("header.")]:
                 del checkpoint["state_dict"][key]
