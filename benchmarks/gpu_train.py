@@ -190,7 +190,7 @@ class EagerStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+            torch.nn.utils.clip_grad_norm_(self.module.backbone.parameters(), self.clip)  # as femb
         self.optimizer.step()
         self.scheduler.step()
 

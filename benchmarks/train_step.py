@@ -212,7 +212,7 @@ class PlainLoop:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.gradient_clip:
-                torch.nn.utils.clip_grad_norm_(params, args.gradient_clip)
+                torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), args.gradient_clip)  # as femb
             optimizer.step()
             scheduler.step()
             ends.append(_now())
