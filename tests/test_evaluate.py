@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from femb.backbones import create_backbone
 from femb.data.binfile import write_bin
 from femb.errors import FembError
 from femb.evaluation.evaluate import run_evaluate
@@ -28,9 +27,9 @@ from femb.evaluation.pairsets import (
 )
 from femb.evaluation.plots import downsample_roc
 from femb.weights import load_backbone, save_backbone
+from tests.helpers import calibrated_tiny_mbf
 
 NUM_PAIRS = 20
-MBF_TINY = {"blocks": (1, 1, 1, 1), "scale": 1}  # MobileFaceNet, one block per stage, half width: fast
 
 
 def face(seed: int, size: int = 112) -> np.ndarray:
@@ -81,18 +80,6 @@ def write_raw_bin(path: Path, bins: list[bytes], issame: list[bool]) -> Path:
     with open(path, "wb") as f:
         pickle.dump((bins, issame), f, protocol=4)
     return path
-
-
-def calibrated_tiny_mbf(seed: int = 0) -> nn.Module:
-    """A tiny MobileFaceNet whose BatchNorm statistics come from one random batch, in eval mode."""
-    torch.manual_seed(seed)
-    net = create_backbone("mbf", **MBF_TINY)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    with torch.no_grad():
-        net.train()(torch.rand(8, 3, 112, 112) * 2 - 1)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
-from femb.backbones import create_backbone
 from femb.errors import FembError
 from femb.export import (
     check_onnx_parity,
@@ -23,6 +22,7 @@ from femb.export import (
     write_model_card,
 )
 from femb.weights import OnnxBackbone, load_backbone, save_backbone
+from tests.helpers import calibrated_tiny_mbf
 
 FINGERPRINT = "sha256:" + "ab" * 32
 
@@ -30,14 +30,7 @@ FINGERPRINT = "sha256:" + "ab" * 32
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     """A small MobileFaceNet (one block per stage, half width, 512-d) with BatchNorm statistics of a random batch."""
-    torch.manual_seed(0)
-    net = create_backbone("mbf", blocks=(1, 1, 1, 1), scale=1)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    with torch.no_grad():
-        net.train()(torch.rand(8, 3, 112, 112) * 2 - 1)
-    return net.eval()
+    return calibrated_tiny_mbf()
 
 
 @pytest.fixture(scope="module")

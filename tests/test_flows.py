@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from femb.errors import FembError
 from flows.common import DvcError, classify_failure, failure_reason
+from tests.helpers import copy_checkout, shrink_demo
 
-REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"
 
 pytestmark = pytest.mark.skipif(not DVC.exists(), reason="dvc is not installed in this environment")
@@ -350,22 +348,6 @@ def test_leaderboard_table_marks_the_best_head_unmeasurable_fars_and_failed_head
 # The head comparison on the real femb pipeline.
 
 
-def copy_checkout(dest: Path) -> None:
-    """This checkout's sources, committed or not, without outputs of earlier runs or DVC's own state."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    produced = ("dvc.lock", "metrics/", "plots/", "models/", "reports/", "data/")
-    for name in filter(None, listed.split("\0")):
-        if name.startswith(produced) or not (REPO / name).is_file():
-            continue
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dest / name)
-
-
 @pytest.mark.slow
 def test_compare_trains_two_heads_and_writes_the_leaderboard(prefect_server, tmp_path, monkeypatch):
     from flows.compare import compare
@@ -373,13 +355,7 @@ def test_compare_trains_two_heads_and_writes_the_leaderboard(prefect_server, tmp
     monkeypatch.delenv("PYTHONPATH", raising=False)  # stages import femb from the copy they run in
     repo = tmp_path / "femb"
     copy_checkout(repo)
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params["data"]["synth"] = {"identities": 24, "images_per_identity": 6, "pairs": 40, "seed": 3}
-    params["train"].update(max_steps=4, batch_size=32, num_workers=0, warmup_steps=0, val_every=2)
-    params["evaluate"]["batch_size"] = 64
-    params["compare"] = {"headers": ["arcface", "cosface"]}
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    shrink_demo(repo, compare={"headers": ["arcface", "cosface"]})
     git(repo, "-c", "init.defaultBranch=main", "init", "-q")
     git(repo, "config", "user.name", "femb test")
     git(repo, "config", "user.email", "test@femb.invalid")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, copy_checkout, shrink_demo
+
 BIN = Path(sys.executable).parent  # the environment's bin: its `dvc`, and the `python` stages run
 DVC = BIN / "dvc"
 STAGES = ("params", "synth", "convert", "train", "evaluate", "export")
@@ -104,33 +104,6 @@ def test_stage_prints_a_params_error_as_one_line_and_exits_1(tmp_path, stage):
     assert lines[0].startswith(f"stage {stage}: params.yaml: header: 'magfce' is not a head; choose one of ")
     assert "arcface" in lines[0] and "magface" in lines[0]
     assert not (tmp_path / "out").exists()
-
-
-def copy_checkout(dest: Path) -> None:
-    """This checkout's sources, committed or not (what git does not ignore), without DVC's own state."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    produced = ("dvc.lock", "metrics/", "plots/")  # a full-size run's; this test makes its own
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if name.startswith(produced) or not source.is_file():
-            continue
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, dest / name)
-
-
-def shrink_demo(repo: Path) -> None:
-    """A demo that trains in seconds: 24 people x 6 images, 40 pairs per set, 4 steps of 32."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params["data"]["synth"] = {"identities": 24, "images_per_identity": 6, "pairs": 40, "seed": 3}
-    params["train"].update(max_steps=4, batch_size=32, num_workers=0, warmup_steps=0, val_every=2)
-    params["evaluate"]["batch_size"] = 64
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def wait_for_queue(repo: Path, env: dict[str, str], timeout: float) -> str:

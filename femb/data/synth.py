@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from femb.data.binfile import write_bin
 from femb.data.recordio import IRHeader, RecordWriter, pack
 from femb.errors import FembError
+from femb.io import write_text
 
 DEFAULT_IDENTITIES = 400
 DEFAULT_IMAGES_PER_IDENTITY = 25
@@ -633,12 +633,6 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
     return int(value)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _previous_run(out_dir: Path, params: dict) -> dict | None:
     """The summary of a complete earlier run with the same parameters (all files present, same sizes), else None."""
     try:
@@ -720,7 +714,7 @@ def synthesize(
                 key = num_images + 1 + person
                 span = [1 + person * images_per_identity, 1 + (person + 1) * images_per_identity]
                 writer.write(key, pack(IRHeader(2, span, key, 0), b""))
-        _write_text(out_dir / "property", f"{identities},{image_size},{image_size}")
+        write_text(out_dir / "property", f"{identities},{image_size},{image_size}")
         plans = {
             name: _write_pair_set(out_dir / f"{name}.bin", seed, name, pairs, image_size, variation, bar)
             for name, variation in PAIR_SETS.items()
@@ -752,5 +746,5 @@ def synthesize(
             name: [[f"{name}:{a}", f"{name}:{b}"] for a, b in plan] for name, plan in plans.items()
         },
     }
-    _write_text(out_dir / "synth.json", json.dumps(record, indent=1) + "\n")
+    write_text(out_dir / "synth.json", json.dumps(record, indent=1) + "\n")
     return summary
