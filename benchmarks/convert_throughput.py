@@ -21,16 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from femb.data import shards
-from femb.data.recordio import InsightFaceRecords, IRHeader, RecordWriter, pack
-from femb.data.shards import convert
+from femb.data.convert import convert
+from femb.data.parquet import arrow_views
+from femb.data.recordio import InsightFaceRecords, write_insightface
 
 
 def build(src: Path, records: int, size_mb: float, seed: int = 0) -> None:
@@ -40,20 +40,13 @@ def build(src: Path, records: int, size_mb: float, seed: int = 0) -> None:
     lengths = rng.integers(int(mean * 0.75), int(mean * 1.25), records)
     noise = rng.bytes(int(lengths.max()) * 2)
     per_class = 50
-    classes = max(1, -(-records // per_class))
-    src.mkdir(parents=True, exist_ok=True)
-    with RecordWriter(src / "train.rec", src / "train.idx") as writer:
-        writer.write(0, pack(IRHeader(0, [records + 1.0, records + 1.0 + classes], 0, 0), b""))
-        for key, length in enumerate(lengths.tolist(), start=1):
+
+    def images() -> Iterator[bytes]:
+        for length in lengths.tolist():
             start = int(rng.integers(0, len(noise) - length))
-            image = b"\xff\xd8" + noise[start : start + length - 4] + b"\xff\xd9"
-            writer.write(key, pack(IRHeader(0, float((key - 1) // per_class), key, 0), image))
-        for c in range(classes):
-            first = 1 + c * per_class
-            writer.write(
-                records + 1 + c, pack(IRHeader(0, [first, min(first + per_class, records + 1)], 0, 0), b"")
-            )
-    (src / "property").write_text(f"{classes},112,112\n")
+            yield b"\xff\xd8" + noise[start : start + length - 4] + b"\xff\xd9"
+
+    write_insightface(src, np.arange(records) // per_class, images(), 112)
 
 
 def warm(path: Path) -> None:
@@ -136,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "build_seconds": round(build_s, 2),
             "cpu_count": os.cpu_count(),
             "pyarrow": pa.__version__,
-            "arrow_views": shards._use_views(),
+            "arrow_views": arrow_views(),
             "python": sys.version.split()[0],
             "results": results,
         }

@@ -123,20 +123,23 @@ def build_module(
     args: argparse.Namespace, device: torch.device, compile: bool = False
 ) -> FaceRecognitionModule:
     """A seeded FaceRecognitionModule on the device, its parameters in the module's memory format."""
+    from femb.config import ModelParams, OptimParams, PartialFCParams
     from femb.training.module import FaceRecognitionModule
 
     torch.manual_seed(args.seed)
-    module = FaceRecognitionModule(
-        num_classes=args.num_classes,
+    model = ModelParams(
         backbone=args.backbone,
-        header=args.header,
         embedding_size=args.embedding_size,
-        lr=args.lr,
+        head=args.header,
         channels_last=args.channels_last,
         compile=compile,
-        partial_fc=args.sample_rate < 1.0,
-        sample_rate=args.sample_rate,
     )
+    partial_fc = PartialFCParams(enabled=args.sample_rate < 1.0, sample_rate=args.sample_rate)
+    module = FaceRecognitionModule(
+        args.num_classes, model, OptimParams(lr=args.lr, warmup_steps=0), partial_fc
+    )
+    if partial_fc.enabled:
+        module.build_partial_fc()  # one process: Lightning's setup would do this
     return module.to(device)
 
 
@@ -151,37 +154,33 @@ class EagerStep:
         total_steps: int,
         label_check: bool = True,
     ) -> None:
-        from femb.training.partial_fc import PartialFC
-        from femb.training.schedule import lr_factor
+        from femb.training.module import input_dtype, prepare_batch
+        from femb.training.optim import build_optimizer
 
-        hp = module.hparams
+        self.prepare = prepare_batch  # what FaceRecognitionModule.on_after_batch_transfer does
         self.module = module.train()
         self.clip = args.gradient_clip
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            self.params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
-        factor = partial(lr_factor, total_steps=total_steps, schedule=hp.schedule, power=hp.poly_power)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.optimizer, self.scheduler = build_optimizer(self.params, module.optim, total_steps)
+        self.dtype = input_dtype(module.backbone)
         self.autocast: Callable[[], Any] = nullcontext
         if args.precision == "bf16-mixed":
             self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16)
         head = module.header
-        if hp.partial_fc:
-            self.loss_fn: Callable[[Tensor, Tensor], Tensor] = PartialFC(
-                head, hp.num_classes, hp.sample_rate
-            ).loss
-        elif label_check:
-            self.loss_fn = head.loss
+        if module.partial_fc is not None or label_check:
+            self.loss_fn: Callable[[Tensor, Tensor], Tensor] = module.loss
         else:
             # MarginHead.logits_and_loss minus its label range check (_logits is forward() after the checks).
             def unchecked(emb: Tensor, labels: Tensor) -> Tensor:
-                return F.cross_entropy(head._logits(emb, labels, head.weight), labels) + head.extra_loss(emb)
+                norms = head.feature_norms(emb)
+                logits = head._logits(emb, labels, head.weight, norms)
+                return F.cross_entropy(logits, labels) + head.regulariser(norms)
 
             self.loss_fn = unchecked
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Forward pass and loss under the step's precision."""
+        """Forward pass and loss under the step's precision (uint8 images normalised as the module does)."""
+        images, labels = self.prepare((images, labels), self.dtype)
         with self.autocast():
             return self.loss_fn(self.module(images), labels)
 
@@ -360,7 +359,7 @@ def synthetic_section(
 
 def demo_shards(workdir: Path, images: int, seed: int) -> tuple[Path, dict[str, float]]:
     """`femb synth` + `femb convert` of about `images` faces (25 per identity) under workdir."""
-    from femb.data.shards import convert
+    from femb.data.convert import convert
     from femb.data.synth import synthesize
 
     started = time.perf_counter()

@@ -5,8 +5,9 @@
     python benchmarks/train_step.py --breakdown                  # also Lightning without each per-step extra
 
 Both sides train the same backbone and head (deep copies of one FaceRecognitionModule), on the same
-pre-built in-memory batches, with SGD (momentum 0.9, weight decay 5e-4), the module's LR schedule
-stepped per step, norm gradient clipping as `femb train` sets it (train.gradient_clip, 5.0) and the
+pre-built in-memory batches (--uint8: pixels, normalised each step by the module's prepare_batch), with
+the optimizer and LR schedule of femb.training.optim.build_optimizer (SGD, momentum 0.9, weight decay
+5e-4) stepped per step, norm gradient clipping as `femb train` sets it (train.gradient_clip, 5.0) and the
 same precision. Lightning runs FaceRecognitionModule under a Trainer with no logger, checkpointing,
 progress bar or model summary; the plain loop is forward, loss, zero_grad, backward, clip, step,
 scheduler step. Each round runs both, in alternating order, as a fresh Trainer / optimizer: the
@@ -44,9 +45,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from femb.config import ModelParams, OptimParams
 from femb.data.synth import DEFAULT_IDENTITIES
-from femb.training.module import FaceRecognitionModule
-from femb.training.schedule import lr_factor
+from femb.training.module import FaceRecognitionModule, input_dtype, prepare_batch
+from femb.training.optim import build_optimizer
 
 Batch = tuple[Tensor, Tensor]
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -67,12 +69,17 @@ class Batches:
             yield self.pool[i % len(self.pool)]
 
 
-def make_pool(size: int, batch_size: int, num_classes: int, image_size: int, seed: int) -> list[Batch]:
-    """Distinct random batches of normalised-looking images and labels."""
+def make_pool(
+    size: int, batch_size: int, num_classes: int, image_size: int, seed: int, uint8: bool = False
+) -> list[Batch]:
+    """Distinct random batches of normalised-looking float images (or uint8 pixels, as the loader gives) and labels."""
     generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, 3, image_size, image_size)
     return [
         (
-            torch.randn(batch_size, 3, image_size, image_size, generator=generator).clamp_(-1, 1),
+            torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+            if uint8
+            else torch.randn(shape, generator=generator).clamp_(-1, 1),
             torch.randint(0, num_classes, (batch_size,), generator=generator),
         )
         for _ in range(size)
@@ -119,7 +126,7 @@ class _Timed(FaceRecognitionModule):
         loss = self.header.loss(self(images), labels)
         t0 = time.perf_counter()
         if not torch.isfinite(loss):
-            raise RuntimeError(self._nonfinite_message(loss))
+            raise RuntimeError(self._nonfinite_message(float(loss), self.global_step))
         t1 = time.perf_counter()
         self.log("train/loss", loss, prog_bar=True)
         t2 = time.perf_counter()
@@ -135,14 +142,8 @@ def build_module(
 ) -> FaceRecognitionModule:
     """The module under test, seeded, so that every kind starts from the same weights."""
     torch.manual_seed(args.seed)
-    return kind(
-        num_classes=args.num_classes,
-        backbone=args.backbone,
-        header=args.header,
-        embedding_size=args.embedding_size,
-        lr=args.lr,
-        warmup_steps=args.lr_warmup,
-    )
+    model = ModelParams(backbone=args.backbone, embedding_size=args.embedding_size, head=args.header)
+    return kind(args.num_classes, model, OptimParams(lr=args.lr, warmup_steps=args.lr_warmup))
 
 
 def lightning_round(
@@ -179,25 +180,16 @@ class PlainLoop:
     def __init__(self, module: FaceRecognitionModule, args: argparse.Namespace) -> None:
         self.backbone = copy.deepcopy(module.backbone)
         self.header = copy.deepcopy(module.header)
-        self.hp = module.hparams
+        self.optim = module.optim
         self.args = args
 
     def round(self, pool: list[Batch]) -> tuple[float, float]:
         """Wall and CPU seconds for the measured steps of a fresh optimizer and schedule (warm-up steps excluded)."""
-        args, hp = self.args, self.hp
+        args = self.args
         total = args.warmup + args.steps
         params = [p for p in chain(self.backbone.parameters(), self.header.parameters()) if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        factor = partial(
-            lr_factor,
-            total_steps=total,
-            warmup_steps=hp.warmup_steps,
-            schedule=hp.schedule,
-            power=hp.poly_power,
-            milestones=tuple(hp.milestones),
-            gamma=hp.gamma,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        optimizer, scheduler = build_optimizer(params, self.optim, total)
+        dtype = input_dtype(self.backbone)
         autocast: Callable[[], Any] = (
             partial(torch.autocast, "cpu", dtype=torch.bfloat16)
             if args.precision == "bf16-mixed"
@@ -206,7 +198,8 @@ class PlainLoop:
         self.backbone.train()
         self.header.train()
         ends = []
-        for images, labels in Batches(pool, total):
+        for batch in Batches(pool, total):
+            images, labels = prepare_batch(batch, dtype)  # as FaceRecognitionModule.on_after_batch_transfer
             with autocast():
                 loss = self.header.loss(self.backbone(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -285,6 +278,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--pool", type=int, default=4, help="distinct batches, used in turn")
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--uint8", action="store_true", help="uint8 image batches, normalised per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown", action="store_true", help="also time Lightning without each extra")
     args = parser.parse_args()
@@ -297,7 +291,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     load_before = os.getloadavg()
-    pool = make_pool(args.pool, args.batch_size, args.num_classes, args.image_size, args.seed)
+    pool = make_pool(args.pool, args.batch_size, args.num_classes, args.image_size, args.seed, args.uint8)
     module = build_module(args)
     plain = PlainLoop(module, args)
     runs: dict[str, Callable[[], tuple[float, float]]] = {
@@ -329,6 +323,7 @@ def main() -> None:
         "num_classes": args.num_classes,
         "batch_size": args.batch_size,
         "precision": args.precision,
+        "uint8_batches": args.uint8,
         "gradient_clip": args.gradient_clip,
         "steps_per_round": args.steps,
         "warmup_steps_per_round": args.warmup,

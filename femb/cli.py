@@ -5,11 +5,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from femb import __version__
 from femb.errors import FembError
+
+
+@contextmanager
+def argument_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Reword a FembError that starts with a library argument's name to name the caller's flag or key instead.
+
+    A library names its own arguments ("shard_size_mb must be positive"); the CLI and the stages say
+    which of their flags or params keys it was ("--shard-size-mb must be positive").
+    """
+    try:
+        yield
+    except FembError as err:
+        message = str(err)
+        for argument, name in names.items():
+            if message.startswith(f"{argument} "):
+                raise FembError(name + message[len(argument) :]) from None
+        raise
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -20,20 +38,25 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         "images_per_identity": args.images_per_identity,
         "pairs": args.pairs,
     }
-    summary = synthesize(Path(args.dir), seed=args.seed, **{k: v for k, v in sizes.items() if v is not None})
+    flags = {name: f"--{name.replace('_', '-')}" for name in (*sizes, "seed")}
+    with argument_names(flags):
+        summary = synthesize(
+            Path(args.dir), seed=args.seed, **{k: v for k, v in sizes.items() if v is not None}
+        )
     print(json.dumps(summary))
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from femb.data.shards import convert
+    from femb.data.convert import convert
 
-    manifest = convert(
-        Path(args.src),
-        Path(args.out),
-        shard_size_mb=args.shard_size_mb,
-        workers=args.workers,
-        verify=args.verify,
-    )
+    with argument_names({"shard_size_mb": "--shard-size-mb", "workers": "--workers"}):
+        manifest = convert(
+            Path(args.src),
+            Path(args.out),
+            shard_size_mb=args.shard_size_mb,
+            workers=args.workers,
+            verify=args.verify,
+        )
     shards = manifest["shards"]
     print(
         f"femb convert: {manifest['num_images']} images of {manifest['num_classes']} identities "

@@ -7,11 +7,12 @@ defaults (the papers' values), so they are not repeated here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from femb.backbones import canonical_backbone_name, list_backbones
 from femb.data.synth import DEFAULT_IDENTITIES, DEFAULT_IMAGES_PER_IDENTITY, DEFAULT_PAIRS
@@ -19,6 +20,44 @@ from femb.errors import FembError
 from femb.headers import build_header, header_defaults, list_headers
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def _known_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise ValueError(f"'{value}' is not a precision; choose one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def _known_head(value: str) -> str:
+    if value not in list_headers():
+        raise ValueError(f"'{value}' is not a head; choose one of {', '.join(list_headers())}")
+    return value
+
+
+def _known_backbone(value: str) -> str:
+    try:
+        canonical_backbone_name(value)
+    except FembError:
+        raise ValueError(
+            f"'{value}' is not a backbone; choose one of {', '.join(list_backbones(aliases=True))}"
+        ) from None
+    return value
+
+
+def _check_head_hparams(name: str, hparams: Mapping[str, Any], key: str) -> None:
+    """Build a tiny head `name` with `hparams`; a refusal becomes a ValueError that starts with `key`."""
+    if name not in list_headers():
+        raise ValueError(f"{key}: not a head; choose one of {', '.join(list_headers())}")
+    try:
+        build_header(name, 8, 2, **hparams)
+    except FembError as err:
+        raise ValueError(f"{key}: {str(err).removeprefix(f'head {name}: ')}") from None
+
+
+Precision = Annotated[str, AfterValidator(_known_precision)]
+HeadName = Annotated[str, AfterValidator(_known_head)]
+BackboneName = Annotated[str, AfterValidator(_known_backbone)]
+EmbeddingSize = Annotated[int, Field(ge=2)]
 
 
 class Section(BaseModel):
@@ -47,13 +86,36 @@ class DataParams(Section):
 
 
 class PartialFCParams(Section):
-    """Partial FC: class centres sharded across ranks, a sampled fraction of negatives."""
+    """Partial FC (An et al., CVPR 2022): class centres sharded across ranks, a sampled fraction of negatives."""
 
     enabled: bool = False
     sample_rate: float = Field(1.0, gt=0, le=1)
 
 
-class TrainParams(Section):
+class OptimParams(Section):
+    """The optimiser and its LR schedule, stepped per optimizer step (`train.optimizer`, `train.lr`, ...)."""
+
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["poly", "cosine", "step", "constant"] = "poly"
+    warmup_steps: int = Field(50, ge=0)
+    poly_power: float = Field(2.0, gt=0)
+    milestones: list[int] = []
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class BackboneOptions(Section):
+    """How the backbone is built and run (`train.dropout`, `train.channels_last`, ...)."""
+
+    dropout: float = Field(0.0, ge=0, lt=1)
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+class TrainParams(OptimParams, BackboneOptions):
     """Optimisation and hardware: arcface_torch's recipe (SGD 0.1, poly, batch 128) sized for the CPU demo.
 
     The demo defaults (4 epochs of the 10,000 synthetic faces, 50 warm-up steps, one loader worker)
@@ -67,38 +129,45 @@ class TrainParams(Section):
     shuffle_buffer: int = Field(8192, ge=0)
     max_epochs: int = Field(4, ge=1)
     max_steps: int = Field(-1, ge=-1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["poly", "cosine", "step", "constant"] = "poly"
-    warmup_steps: int = Field(50, ge=0)
-    poly_power: float = Field(2.0, gt=0)
-    milestones: list[int] = []
-    gamma: float = Field(0.1, gt=0, le=1)
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     gradient_clip: float = Field(5.0, ge=0)
     accumulate_grad_batches: int = Field(1, ge=1)
-    channels_last: bool = False
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=1)
     val_every: int = Field(200, ge=1)
     val_sets: list[str] = []
     partial_fc: PartialFCParams = PartialFCParams()
 
-    @field_validator("precision")
-    @classmethod
-    def _known_precision(cls, value: str) -> str:
-        if value not in PRECISIONS:
-            raise ValueError(f"'{value}' is not a precision; choose one of {', '.join(PRECISIONS)}")
-        return value
+
+class ModelParams(BackboneOptions):
+    """What the LightningModule builds: a backbone of `embedding_size` features and a head over them.
+
+    Not a params.yaml section of its own: `Params.model_section()` gathers it from `backbone`,
+    `embedding_size`, `header`, `headers.<header>` (defaults filled in) and the backbone options of `train`.
+    """
+
+    backbone: BackboneName
+    embedding_size: EmbeddingSize
+    head: HeadName
+    head_hparams: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _head_builds(self) -> ModelParams:
+        _check_head_hparams(self.head, self.head_hparams, "head_hparams")
+        return self
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The backbone constructor's options that differ from its defaults (not every backbone takes them)."""
+        kwargs: dict[str, Any] = {}
+        if self.dropout:
+            kwargs["dropout"] = self.dropout
+        if self.gradient_checkpointing:
+            kwargs["gradient_checkpointing"] = True
+        return kwargs
 
 
 class EvaluateParams(Section):
@@ -126,9 +195,9 @@ class CompareParams(Section):
 class Params(Section):
     """Everything params.yaml may set; `header` picks the trained head, `headers.<name>` its hyper-parameters."""
 
-    header: str = "arcface"
-    backbone: str = "iresnet_tiny"
-    embedding_size: int = Field(512, ge=2)
+    header: HeadName = "arcface"
+    backbone: BackboneName = "iresnet_tiny"
+    embedding_size: EmbeddingSize = 512
     headers: dict[str, dict[str, Any]] = {}
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
@@ -136,33 +205,10 @@ class Params(Section):
     export: ExportParams = ExportParams()
     compare: CompareParams = CompareParams()
 
-    @field_validator("header")
-    @classmethod
-    def _known_header(cls, value: str) -> str:
-        if value not in list_headers():
-            raise ValueError(f"'{value}' is not a head; choose one of {', '.join(list_headers())}")
-        return value
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        try:
-            canonical_backbone_name(value)
-        except FembError:
-            raise ValueError(
-                f"'{value}' is not a backbone; choose one of {', '.join(list_backbones(aliases=True))}"
-            ) from None
-        return value
-
     @model_validator(mode="after")
     def _heads_build(self) -> Params:
         for name, hparams in self.headers.items():
-            if name not in list_headers():
-                raise ValueError(f"headers.{name}: not a head; choose one of {', '.join(list_headers())}")
-            try:
-                build_header(name, 8, 2, **(hparams or {}))
-            except FembError as err:
-                raise ValueError(f"headers.{name}: {err}") from None
+            _check_head_hparams(name, hparams or {}, f"headers.{name}")
         for name in self.compare.headers:
             if name not in list_headers():
                 raise ValueError(
@@ -174,6 +220,28 @@ class Params(Section):
         """The hyper-parameters of head `name` (default: the trained one): its defaults, then params.yaml."""
         name = name or self.header
         return {**header_defaults(name), **(self.headers.get(name) or {})}
+
+    def model_section(self) -> ModelParams:
+        """The model the train stage builds: backbone, embedding size, the trained head and its options."""
+        options = self.train.model_dump(include=set(BackboneOptions.model_fields))
+        return ModelParams(
+            backbone=self.backbone,
+            embedding_size=self.embedding_size,
+            head=self.header,
+            head_hparams=self.header_hparams(),
+            **options,
+        )
+
+
+SectionT = TypeVar("SectionT", bound=Section)
+
+
+def as_section(cls: type[SectionT], value: Section | Mapping[str, Any]) -> SectionT:
+    """`value` validated as exactly a `cls`: a mapping (e.g. a checkpoint's hyper-parameters) or any
+    section holding cls's keys (a `TrainParams` gives its `OptimParams` part)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(include=set(cls.model_fields))
+    return cls.model_validate(value)
 
 
 def _section_keys(loc: tuple[Any, ...]) -> list[str]:

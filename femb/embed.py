@@ -1,33 +1,104 @@
 """Embed face images with a backbone, preprocessed and flip-summed as InsightFace evaluation does.
 
-Images are expected to be aligned 112x112 face crops (the arcface_torch input). Any format PIL
-reads is accepted and converted to RGB; other sizes are resized to 112x112 with PIL bilinear
-resampling (antialiased when shrinking; aspect ratio not kept, nothing is aligned); EXIF orientation
-is not applied, pixels are taken as stored, like the training decoder does. Pixels are
-normalised as `(x/255 - 0.5)/0.5`. With `flip`, the embedding is emb(x) + emb(horizontal flip of x),
-as in InsightFace `eval/verification.py`, before the optional L2 normalisation.
+`embed_batches` is the one embedding loop: `femb embed`, the pair sets of `femb evaluate` and the
+periodic verification of training all go through it. It takes uint8 N x 3 x 112 x 112 RGB batches,
+normalises them on the model's device (`femb.data.decode.normalize`, `(x/255 - 0.5)/0.5`) and, with
+mirrors, also embeds their horizontal flips; `embed_pixels` sums the two, emb(x) + emb(flip(x)) as in
+InsightFace `eval/verification.py`, before the optional L2 normalisation.
+
+Image files (`embed_images`) are expected to be aligned 112x112 face crops (the arcface_torch input).
+Any format PIL reads is accepted and converted to RGB; other sizes are resized to 112x112 with PIL
+bilinear resampling (antialiased when shrinking; aspect ratio not kept, nothing is aligned); EXIF
+orientation is not applied, pixels are taken as stored, like the training decoder does.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from femb.device import resolve_device
+from femb.data.decode import IMAGE_SIZE
+from femb.data.decode import normalize as normalize_pixels
+from femb.device import model_device_and_dtype, resolve_device
 from femb.errors import FembError
 from femb.io import atomic_path
 from femb.weights import OnnxBackbone, load_backbone
 
-IMAGE_SIZE = 112
+_MAX_READ_THREADS = 4
+
+
+def embed_batches(
+    model: nn.Module,
+    images: Tensor | Iterable[Tensor],
+    batch_size: int = 128,
+    *,
+    mirrored: bool = False,
+    total: int | None = None,
+    desc: str = "embed",
+    progress: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 [N, D] embeddings of uint8 N x 3 x H x W images, and of their mirrors if `mirrored` (else None).
+
+    `images` is one tensor, cut into batches of `batch_size`, or an iterable of batches taken as they
+    come. The model runs in eval mode under `torch.inference_mode` (its mode is restored after), on the
+    device and in the dtype of its parameters; pixels are normalised there, in float32 then cast.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FembError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if isinstance(images, Tensor):
+        total = len(images)
+        images = images.split(batch_size)
+    device, dtype = model_device_and_dtype(model)
+    plain: list[np.ndarray] = []
+    flipped: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=total, unit="img", desc=desc, disable=None if progress is None else not progress)
+    try:
+        with torch.inference_mode():
+            for batch in images:
+                x = normalize_pixels(batch.to(device, non_blocking=True)).to(dtype)
+                plain.append(model(x).float().cpu().numpy())
+                if mirrored:
+                    flipped.append(model(x.flip(3)).float().cpu().numpy())
+                bar.update(len(x))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not plain:
+        raise FembError("no images to embed")
+    return np.concatenate(plain), np.concatenate(flipped) if mirrored else None
+
+
+def embed_pixels(
+    model: nn.Module,
+    images: Tensor | Iterable[Tensor],
+    batch_size: int = 128,
+    *,
+    flip: bool = False,
+    normalize: bool = False,
+    total: int | None = None,
+    desc: str = "embed",
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Embeddings [N, D] float32 of uint8 images (see `embed_batches`): plus their mirrors' with `flip`, L2-normalised with `normalize`."""
+    emb, emb_flip = embed_batches(
+        model, images, batch_size, mirrored=flip, total=total, desc=desc, progress=progress
+    )
+    if emb_flip is not None:
+        emb += emb_flip
+    if normalize:
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
 
 
 def load_face_image(path: Path | str) -> np.ndarray:
@@ -45,12 +116,6 @@ def load_face_image(path: Path | str) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def images_to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """Stack HxWx3 uint8 RGB arrays into an Nx3xHxW float32 batch normalised as (x/255 - 0.5)/0.5."""
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return batch.div_(255.0).sub_(0.5).div_(0.5).contiguous()
-
-
 def embed_images(
     model: nn.Module,
     paths: Sequence[Path],
@@ -59,40 +124,31 @@ def embed_images(
     normalize: bool = False,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Embeddings [N, D] float32 of the images, in order, computed in eval mode without gradients."""
+    """Embeddings [N, D] float32 of the image files, in order, computed in eval mode without gradients."""
     paths = [Path(p) for p in paths]
-    if batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FembError(f"batch_size must be at least 1, got {batch_size}")
     if not paths:
         raise FembError("no images to embed")
-    device, dtype = _device_and_dtype(model)
-    batches = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
-    chunks: list[np.ndarray] = []
-    was_training = model.training
-    model.eval()
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
-    bar = tqdm(total=len(paths), unit="img", desc="embed", disable=None if progress is None else not progress)
+    pool = ThreadPoolExecutor(max_workers=min(_MAX_READ_THREADS, os.cpu_count() or 1))
     try:
-        pending = _submit(pool, batches[0])
-        for index in range(len(batches)):
-            images = [future.result() for future in pending]
-            if index + 1 < len(batches):  # decode the next batch while the model runs
-                pending = _submit(pool, batches[index + 1])
-            x = images_to_tensor(images).to(device=device, dtype=dtype)
-            with torch.inference_mode():
-                emb = model(x).float()
-                if flip:
-                    emb += model(x.flip(3)).float()
-            chunks.append(emb.cpu().numpy())
-            bar.update(len(images))
+        batches = _read_batches(pool, paths, batch_size)
+        return embed_pixels(
+            model, batches, batch_size, flip=flip, normalize=normalize, total=len(paths), progress=progress
+        )
     finally:
-        bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
-        model.train(was_training)
-    out = np.concatenate(chunks).astype(np.float32, copy=False)
-    if normalize:
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out
+
+
+def _read_batches(pool: ThreadPoolExecutor, paths: list[Path], batch_size: int) -> Iterator[Tensor]:
+    """uint8 N x 3 x 112 x 112 batches of the files (channels-last memory), reading the next while one is embedded."""
+    groups = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    pending = [pool.submit(load_face_image, p) for p in groups[0]]
+    for index in range(len(groups)):
+        pixels = np.stack([future.result() for future in pending])
+        if index + 1 < len(groups):
+            pending = [pool.submit(load_face_image, p) for p in groups[index + 1]]
+        yield torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
 def run_embed(
@@ -139,14 +195,3 @@ def run_embed(
         "flip": flip,
         "normalize": normalize,
     }
-
-
-def _submit(pool: ThreadPoolExecutor, paths: Sequence[Path]) -> list[Future[np.ndarray]]:
-    return [pool.submit(load_face_image, p) for p in paths]
-
-
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32

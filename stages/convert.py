@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from femb.cli import argument_names
 from femb.config import Params
-from femb.data.shards import convert
+from femb.data.convert import convert
 from stages.common import run_stage
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
     """Convert `data.source` into `data.shards` (image bytes copied unchanged, manifest with fingerprint)."""
     d = params.data
-    manifest = convert(d.source, d.shards, shard_size_mb=d.shard_size_mb, workers=d.workers)
+    with argument_names({"shard_size_mb": "data.shard_size_mb", "workers": "data.workers"}):
+        manifest = convert(d.source, d.shards, shard_size_mb=d.shard_size_mb, workers=d.workers)
     print(
         f"convert: {manifest['num_images']} images of {manifest['num_classes']} identities, "
         f"{len(manifest.get('pairs', {}))} pair set(s) -> {d.shards}"

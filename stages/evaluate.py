@@ -6,15 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from femb.config import Params
+from femb.data.layout import pair_set_files
 from femb.evaluation.evaluate import run_evaluate
-from femb.training.run import default_val_sets
 from stages.common import run_stage
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
     """Evaluate `train.out_dir`/backbone.pth on `evaluate.sets` (default: every pair set in `data.shards`)."""
     metrics_path, plots_dir = argv
-    sets = [Path(s) for s in params.evaluate.sets] or default_val_sets(params.data.shards)
+    sets = [Path(s) for s in params.evaluate.sets] or pair_set_files(params.data.shards)
     metrics = run_evaluate(
         params.train.out_dir / "backbone.pth",
         sets,

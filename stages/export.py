@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from femb.config import Params
+from femb.data.layout import data_fingerprint, manifest_path
+from femb.errors import FembError
 from femb.export.model_card import write_model_card
 from femb.export.onnx import export_onnx
 from stages.common import run_stage
@@ -15,14 +17,18 @@ from stages.common import run_stage
 def main(params: Params, argv: Sequence[str]) -> None:
     """Export `train.out_dir`/backbone.pth to `export.output`, stamped with the shards' fingerprint."""
     (metrics_path,) = argv
-    manifest = json.loads((params.data.shards / "manifest.json").read_text())
+    fingerprint = data_fingerprint(params.data.shards)
+    if fingerprint is None:
+        raise FembError(
+            f"{manifest_path(params.data.shards)}: no manifest fingerprint; run the convert stage"
+        )
     e = params.export
     info = export_onnx(
         params.train.out_dir / "backbone.pth",
         e.output,
         backbone=params.backbone,
         header=params.header,
-        dataset_fingerprint=manifest["fingerprint"],
+        dataset_fingerprint=fingerprint,
         fp16=e.fp16,
         opset=e.opset,
     )

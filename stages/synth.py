@@ -5,22 +5,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from femb.cli import argument_names
 from femb.config import Params
 from femb.data.synth import synthesize
 from stages.common import run_stage
+
+_KEYS = ("identities", "images_per_identity", "pairs", "seed")
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
     """Write `data.synth` identities, images and pairs to the directory dvc.yaml names."""
     (out,) = argv
     s = params.data.synth
-    summary = synthesize(
-        Path(out),
-        identities=s.identities,
-        images_per_identity=s.images_per_identity,
-        pairs=s.pairs,
-        seed=s.seed,
-    )
+    with argument_names({key: f"data.synth.{key}" for key in _KEYS}):
+        summary = synthesize(
+            Path(out),
+            identities=s.identities,
+            images_per_identity=s.images_per_identity,
+            pairs=s.pairs,
+            seed=s.seed,
+        )
     print(f"synth: {summary['num_images']} images of {s.identities} identities -> {out}")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from femb.data.shards import convert
+from femb.data.convert import convert
 from femb.data.synth import synthesize
 
 

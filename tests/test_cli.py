@@ -106,3 +106,26 @@ def test_export_refuses_a_metrics_file_of_the_wrong_shape_before_writing(tmp_pat
     result = run_femb("export", "--weights", str(weights), "--output", str(out), "--metrics", str(metrics))
     assert result.returncode == 1 and "not a metrics file" in result.stderr
     assert not out.exists() and not out.with_suffix(".md").exists()
+
+
+def test_synth_flag_errors_name_the_flag_not_the_library_argument(tmp_path):
+    result = run_femb("synth", str(tmp_path / "demo"), "--images-per-identity", "0")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "femb synth: --images-per-identity must be an integer in [1, 100000], got 0"
+    ]
+    assert not (tmp_path / "demo").exists()
+
+
+def test_argument_names_rewords_only_errors_that_start_with_a_known_argument():
+    import pytest
+
+    from femb.cli import argument_names
+    from femb.errors import FembError
+
+    names = {"workers": "data.workers"}
+    reworded = r"^data\.workers must be 0 \(one per core\) or more, got -1$"
+    with pytest.raises(FembError, match=reworded), argument_names(names):
+        raise FembError("workers must be 0 (one per core) or more, got -1")
+    with pytest.raises(FembError, match="^src: no such directory$"), argument_names(names):
+        raise FembError("src: no such directory")

@@ -1,4 +1,4 @@
-"""femb convert: RecordIO + .bin -> Parquet shards, pair files and manifest (DESIGN.md "Parquet shards")."""
+"""femb convert: RecordIO + .bin -> Parquet shards, pair files and manifest (docs/architecture.md "Parquet shards")."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from femb.data import shards
+from femb.data import parquet
 from femb.data.binfile import read_bin, write_bin
-from femb.data.recordio import InsightFaceRecords, IRHeader, RecordWriter, pack
-from femb.data.shards import convert
+from femb.data.convert import convert, source_fingerprint
+from femb.data.recordio import InsightFaceRecords, IRHeader, RecordWriter, pack, write_insightface
 from femb.errors import FembError
+from femb.io import temp_path
 
 REPO = Path(__file__).resolve().parent.parent
 MXNET_FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
@@ -39,16 +40,7 @@ def make_source(
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)
     images = {1 + i: (i // per_class, jpeg(rng)) for i in range(classes * per_class)}
-    n = len(images)
-    with RecordWriter(directory / "train.rec", directory / "train.idx") as writer:
-        writer.write(0, pack(IRHeader(0, [n + 1.0, n + 1.0 + classes], 0, 0), b""))
-        for key, (label, image) in images.items():
-            writer.write(key, pack(IRHeader(0, float(label), key, 0), image))
-        for c in range(classes):
-            writer.write(
-                n + 1 + c, pack(IRHeader(0, [1.0 + c * per_class, 1.0 + (c + 1) * per_class], 0, 0), b"")
-            )
-    (directory / "property").write_text(f"{classes},16,16\n")
+    write_insightface(directory, [label for label, _ in images.values()], [i for _, i in images.values()], 16)
     for name, count in (pairs if pairs is not None else {"lfw": 3}).items():
         write_bin(
             directory / f"{name}.bin",
@@ -150,7 +142,7 @@ def test_manifest_lists_counts_and_the_sha256_of_every_file(converted: tuple) ->
     assert manifest["num_images"] == len(images) == sum(s["rows"] for s in manifest["shards"])
     assert manifest["image_size"] == [16, 16]
     assert manifest["layout"] == "header"
-    assert manifest["fingerprint"] == shards.source_fingerprint(src, [src / "lfw.bin"])
+    assert manifest["fingerprint"] == source_fingerprint(src, [src / "lfw.bin"])
     for entry in [*manifest["shards"], *manifest["pairs"].values()]:
         data = (out / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
@@ -190,7 +182,7 @@ def test_gathered_image_column_gives_the_same_files_as_views(
     converted: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src, _, _, manifest = converted
-    monkeypatch.setattr(shards, "_VIEWS", False)  # the path taken on pyarrow builds that cannot write views
+    monkeypatch.setattr(parquet, "_VIEWS", False)  # the path taken on pyarrow builds that cannot write views
     gathered = convert(src, tmp_path / "gathered", **SMALL)
     assert gathered["shards"] == manifest["shards"]
 
@@ -209,7 +201,7 @@ def test_tiny_and_scattered_images_convert_unchanged(
             writer.write(key, pack(IRHeader(0, [float(key % 2), 0.0], 0, 0), images[key]))
     (src / "property").write_text("2,16,16")
     if span_limit is not None:
-        monkeypatch.setattr(shards, "_VIEW_SPAN_LIMIT", span_limit)  # gather a row group's scattered bytes
+        monkeypatch.setattr(parquet, "_VIEW_SPAN_LIMIT", span_limit)  # gather a row group's scattered bytes
     manifest = convert(src, tmp_path / "out", **SMALL)
     keys, labels, data = read_shards(tmp_path / "out")
     assert manifest["layout"] == "flat"
@@ -256,7 +248,7 @@ def test_resume_after_interruption_keeps_finished_shards_and_writes_the_rest(con
     lost = manifest["shards"][1]["file"]
     (out / lost).unlink()
     (out / "manifest.json").unlink()
-    (out / f".{lost}.deadbeef.tmp").write_bytes(b"PAR1 half a shard")
+    temp_path(out / lost).write_bytes(b"PAR1 half a shard")
     resumed = convert(src, out, **SMALL)
     after = snapshot(out)
     assert resumed == manifest
@@ -401,12 +393,8 @@ def _search(pattern: str, message: str) -> bool:
 def test_verify_names_the_keys_of_images_that_do_not_decode(tmp_path: Path, workers: int) -> None:
     src = tmp_path / "src"
     images = make_source(src)
-    with RecordWriter(src / "train.rec", src / "train.idx") as writer:  # rewrite with keys 3 and 9 corrupt
-        n = len(images)
-        writer.write(0, pack(IRHeader(0, [n + 1.0, n + 1.0], 0, 0), b""))
-        for key, (label, image) in images.items():
-            broken = image[: len(image) // 2] if key in (3, 9) else image
-            writer.write(key, pack(IRHeader(0, float(label), key, 0), broken))
+    broken = [image[: len(image) // 2] if key in (3, 9) else image for key, (_, image) in images.items()]
+    write_insightface(src, [label for label, _ in images.values()], broken, 16)  # keys 3 and 9 corrupt
     convert(src, tmp_path / "unverified", **SMALL)  # without verify the bytes are copied as they are
     with pytest.raises(FembError) as excinfo:
         convert(src, tmp_path / "out", **{**SMALL, "workers": workers}, verify=True)
@@ -416,6 +404,18 @@ def test_verify_names_the_keys_of_images_that_do_not_decode(tmp_path: Path, work
     assert not (tmp_path / "out").exists()
 
 
+def test_verify_refuses_an_image_of_another_size_than_property_says(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    images = make_source(src)
+    resized = [
+        jpeg(np.random.default_rng(key), 20) if key == 5 else image for key, (_, image) in images.items()
+    ]
+    write_insightface(src, [label for label, _ in images.values()], resized, 16)
+    with pytest.raises(FembError) as excinfo:
+        convert(src, tmp_path / "out", **SMALL, verify=True)
+    assert str(excinfo.value).endswith("keys 5 (key 5: image is 20x20, expected 16x16)")
+
+
 def test_verify_accepts_good_images_and_records_it(source: tuple, tmp_path: Path) -> None:
     src, _ = source
     assert convert(src, tmp_path / "out", **SMALL, verify=True)["verified"] is True
@@ -423,9 +423,9 @@ def test_verify_accepts_good_images_and_records_it(source: tuple, tmp_path: Path
 
 def test_bad_arguments_are_refused(source: tuple, tmp_path: Path) -> None:
     src, _ = source
-    with pytest.raises(FembError, match="--shard-size-mb must be positive"):
+    with pytest.raises(FembError, match="^shard_size_mb must be positive"):
         convert(src, tmp_path / "out", shard_size_mb=0)
-    with pytest.raises(FembError, match="--workers must be 0"):
+    with pytest.raises(FembError, match="^workers must be 0"):
         convert(src, tmp_path / "out", workers=-1)
     with pytest.raises(FembError, match="no such directory"):
         convert(tmp_path / "nowhere", tmp_path / "out")
@@ -471,6 +471,14 @@ def test_cli_converts_and_reports_counts(source: tuple, tmp_path: Path) -> None:
     result = run_cli(str(src), str(tmp_path / "out"), "--workers", "1")
     assert result.returncode == 0, result.stderr
     assert f"{len(images)} images of 4 identities in 1 shard(s), 1 pair set(s)" in result.stdout
+
+
+def test_cli_names_its_own_flag_in_an_argument_error(source: tuple, tmp_path: Path) -> None:
+    src, _ = source
+    result = run_cli(str(src), str(tmp_path / "out"), "--shard-size-mb", "0")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["femb convert: --shard-size-mb must be positive, got 0.0"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_pair_set_named_like_a_train_shard_is_refused_before_writing(source: tuple, tmp_path: Path) -> None:

@@ -483,13 +483,13 @@ def test_every_head_learns_separable_classes(name):
 
 def test_unknown_head_name_lists_the_valid_ones():
     with pytest.raises(
-        FembError, match=r"header 'magfce' is not a head; choose one of softmax, sphereface, .*adaface"
+        FembError, match=r"'magfce' is not a head; choose one of softmax, sphereface, .*adaface"
     ):
         build_header("magfce", D, C)
 
 
 def test_unknown_hyper_parameter_is_named():
-    with pytest.raises(FembError, match=r"header arcface: unknown hyper-parameter margin; it takes s, m"):
+    with pytest.raises(FembError, match=r"head arcface: unknown hyper-parameter margin; it takes s, m"):
         build_header("arcface", D, C, margin=0.5)
     with pytest.raises(FembError, match=r"unknown hyper-parameter plus"):
         build_header("elasticface-arc", D, C, plus=True)
@@ -498,26 +498,26 @@ def test_unknown_hyper_parameter_is_named():
 @pytest.mark.parametrize(
     "name,hparams,message",
     [
-        ("arcface", {"s": 0.0}, r"header arcface: s=0.0 must be > 0"),
-        ("cosface", {"s": -64.0}, r"header cosface: s=-64.0 must be > 0"),
+        ("arcface", {"s": 0.0}, r"head arcface: s=0.0 must be > 0"),
+        ("cosface", {"s": -64.0}, r"head cosface: s=-64.0 must be > 0"),
         ("arcface", {"s": float("nan")}, r"s=nan is not a finite number"),
         ("arcface", {"m": "0.5"}, r"m='0.5' is not a finite number"),
-        ("arcface", {"m": math.pi / 2}, r"header arcface: m=1.57\d* is outside \[0, pi/2\)"),
+        ("arcface", {"m": math.pi / 2}, r"head arcface: m=1.57\d* is outside \[0, pi/2\)"),
         ("arcface", {"m": -0.1}, r"m=-0.1 is outside \[0, pi/2\)"),
-        ("cosface", {"m": 1.0}, r"header cosface: m=1.0 is outside \[0, 1\)"),
-        ("curricularface", {"m": 2.0}, r"header curricularface: m=2.0 is outside"),
+        ("cosface", {"m": 1.0}, r"head cosface: m=1.0 is outside \[0, 1\)"),
+        ("curricularface", {"m": 2.0}, r"head curricularface: m=2.0 is outside"),
         ("curricularface", {"t_alpha": 0.0}, r"t_alpha=0.0 must be > 0"),
-        ("elasticface-arc", {"m": 1.6}, r"header elasticface-arc: m=1.6 is outside \[0, pi/2\)"),
-        ("elasticface-cos-plus", {"m": 1.2}, r"header elasticface-cos-plus: m=1.2 is outside \[0, 1\)"),
+        ("elasticface-arc", {"m": 1.6}, r"head elasticface-arc: m=1.6 is outside \[0, pi/2\)"),
+        ("elasticface-cos-plus", {"m": 1.2}, r"head elasticface-cos-plus: m=1.2 is outside \[0, 1\)"),
         ("elasticface-cos", {"sigma": -0.01}, r"sigma=-0.01 is outside \[0, inf\)"),
-        ("adaface", {"m": 1.0}, r"header adaface: m=1.0 is outside \[0, 1\)"),
+        ("adaface", {"m": 1.0}, r"head adaface: m=1.0 is outside \[0, 1\)"),
         ("adaface", {"h": -0.1}, r"h=-0.1 is outside"),
         ("adaface", {"t_alpha": 1.5}, r"t_alpha=1.5 is outside \[0, 1\]"),
-        ("sphereface", {"m": 0}, r"header sphereface: m=0 must be an integer >= 1"),
+        ("sphereface", {"m": 0}, r"head sphereface: m=0 must be an integer >= 1"),
         ("sphereface", {"m": 2.5}, r"m=2.5 must be an integer >= 1"),
         ("sphereface", {"s": 0.0}, r"s=0.0 must be > 0"),
         ("sphereface", {"lambda_min": -1.0}, r"lambda_min=-1.0 is outside"),
-        ("magface", {"l_a": 110.0, "u_a": 10.0}, r"header magface: l_a=110.0 must be below u_a=10.0"),
+        ("magface", {"l_a": 110.0, "u_a": 10.0}, r"head magface: l_a=110.0 must be below u_a=10.0"),
         ("magface", {"l_m": 0.8, "u_m": 0.45}, r"l_m=0.8 must be below u_m=0.45"),
         ("magface", {"u_m": 1.6}, r"u_m=1.6 is outside \[0, pi/2\)"),
         ("magface", {"lambda_g": 22.0}, r"lambda_g=22.0 is below the MagFace bound .* = 22.59"),
@@ -548,7 +548,7 @@ def test_bad_sizes_are_refused():
 def test_embedding_size_mismatch_names_both_sizes():
     head = build_header("arcface", D, C)
     with pytest.raises(
-        FembError, match=r"header arcface: embedding size 7 does not match the head's embedding_size 8"
+        FembError, match=r"head arcface: embedding size 7 does not match the head's embedding_size 8"
     ):
         head(torch.randn(B, 7), torch.zeros(B, dtype=torch.long))
     with pytest.raises(FembError, match=r"embeddings must be \(batch, 8\), got shape \(6, 2, 4\)"):
@@ -574,3 +574,130 @@ def test_loss_refuses_minus_one_labels_which_only_partial_fc_may_use():
     head = build_header("arcface", D, C)
     with pytest.raises(FembError, match=r"label -1 at row 0 is outside \[0, 5\) \(num_classes=5\)"):
         head.loss(torch.randn(B, D), torch.tensor([-1, 1, 2, 3, 4, 0]))
+
+
+# ---- float64 heads compute in float64 and equal their equations ------------------------------------------
+
+
+def ref_arc(cos_y: torch.Tensor, m) -> torch.Tensor:
+    theta = cos_y.acos()
+    return torch.where(
+        theta + m < math.pi, torch.cos(theta + m), cos_y - torch.sin(math.pi - torch.as_tensor(m)) * m
+    )
+
+
+def ref_eval_logits(
+    name: str, head, emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Each family's evaluation-mode logits, written out in float64 from its paper / official code."""
+    cos = ref_cos(emb, weight)
+    cos_y = cos[torch.arange(len(labels)), labels]
+    norms = emb.double().norm(dim=1)
+    if name == "softmax":
+        return emb.double() @ weight.double().T
+    if name == "sphereface":
+        lam = max(5.0, 1000.0 * (1 + 0.12 * float(head.iteration)) ** -1)
+        return ref_sphere(emb, weight, labels, lam)[0]
+    if name in ("cosface", "elasticface-cos", "elasticface-cos-plus"):
+        return 64 * put_target(cos, labels, cos_y - 0.35)
+    if name in ("arcface", "elasticface-arc", "elasticface-arc-plus"):
+        return 64 * put_target(cos, labels, ref_arc(cos_y, 0.5))
+    if name == "magface":
+        m, _ = ref_mag_margin(norms)
+        return 64 * put_target(cos, labels, torch.where(cos_y > 0, torch.cos(cos_y.acos() + m), cos_y))
+    if name == "curricularface":
+        t = float(head.t)
+        hard = cos > torch.cos(cos_y.acos() + 0.5)[:, None]
+        return 64 * put_target(torch.where(hard, cos * (t + cos), cos), labels, ref_arc(cos_y, 0.5))
+    if name == "adaface":
+        return ref_ada(emb, weight, labels, 20.0, 100.0)[0]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_a_float64_head_computes_in_float64_and_equals_its_equation(name):
+    emb, weight, labels = inputs()
+    if name == "magface":
+        emb, weight, labels = mag_inputs()
+    head = head_with(name, weight).double().eval()
+    if name == "curricularface":
+        head.t.fill_(0.3)
+    emb = emb.double()
+    logits = head(emb, labels)
+    assert logits.dtype == torch.float64
+    expected = ref_eval_logits(name, head, emb, weight.double(), labels)
+    torch.testing.assert_close(logits, expected, atol=1e-12, rtol=1e-12)
+    extra = 35 * (1 / (a := emb.norm(dim=1).clamp(10, 110)) + a / 110**2).mean() if name == "magface" else 0.0
+    torch.testing.assert_close(
+        head.loss(emb, labels), ref_ce(expected, labels) + extra, atol=1e-12, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ALL_HEADS)
+def test_dtypes_are_promoted_to_at_least_float32_and_never_demoted(name):
+    emb, weight, labels = inputs()
+    head = head_with(name, weight).eval()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert head(emb.to(dtype), labels).dtype == torch.float32
+    assert head(emb.double(), labels).dtype == torch.float64  # float64 embeddings, float32 centres
+    assert head.double()(emb, labels).dtype == torch.float64  # float32 embeddings, float64 centres
+    assert head.cosine(emb).dtype == head.feature_norms(emb).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", ["magface", "adaface", "sphereface"])
+def test_feature_norms_are_computed_once_per_training_pass(name, monkeypatch):
+    emb, weight, labels = mag_inputs()
+    head = head_with(name, weight).train()
+    norms_of_embeddings = []
+    original = torch.Tensor.norm
+
+    def counting(self, *args, **kwargs):
+        if self.shape == emb.shape:  # not the centres' normalisation
+            norms_of_embeddings.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "norm", counting)
+    head.loss(emb, labels)
+    assert len(norms_of_embeddings) == 1
+
+
+# ---- CurricularFace: hard negatives as the official code finds them ---------------------------------------
+
+
+def official_curricularface(cos: torch.Tensor, labels: torch.Tensor, t: float, m=0.5, s=64.0) -> torch.Tensor:
+    """HuangYG123/CurricularFace head/metrics.py, forward, in float64 (t given: the EMA already applied)."""
+    cos = cos.clone()
+    target = cos[torch.arange(len(labels)), labels].view(-1, 1)
+    sin_theta = torch.sqrt(1.0 - target**2)
+    cos_theta_m = target * math.cos(m) - sin_theta * math.sin(m)
+    mask = cos > cos_theta_m
+    final_target = torch.where(
+        target > math.cos(math.pi - m), cos_theta_m, target - math.sin(math.pi - m) * m
+    )
+    cos[mask] = cos[mask] * (t + cos[mask])
+    cos.scatter_(1, labels.view(-1, 1), final_target)
+    return cos * s
+
+
+def test_curricularface_near_pi_finds_hard_negatives_before_the_arcface_fallback():
+    # theta_y = 3.0 (theta_y + m past pi: the target logit takes the fallback); one negative at cos -0.97,
+    # which lies below cos(theta_y + m) = cos(3.5) = -0.936 (not hard) but above the fallback (-1.23).
+    theta_y, cos_neg = 3.0, -0.97
+    emb = torch.tensor([[math.cos(theta_y), math.sin(theta_y), 0.0]], dtype=torch.float64)
+    negative = -cos_neg * -emb[0] + math.sqrt(1 - cos_neg**2) * torch.tensor(
+        [0.0, 0.0, 1.0], dtype=torch.float64
+    )
+    weight = torch.stack([torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), negative, -negative])
+    emb = emb * 7.0
+    cos = ref_cos(emb, weight)[0]
+    assert cos[0].item() == pytest.approx(math.cos(theta_y)) and cos[1].item() == pytest.approx(cos_neg)
+    labels = torch.tensor([0])
+    head = build_header("curricularface", 3, 3).double().eval()
+    with torch.no_grad():
+        head.weight.copy_(weight)  # after .double(): the centres keep every float64 digit
+    head.t.fill_(0.2)
+    logits = head(emb, labels)
+    expected = official_curricularface(ref_cos(emb, weight), labels, t=0.2)
+    torch.testing.assert_close(logits, expected, atol=1e-9, rtol=1e-9)
+    assert logits[0, 1].item() == pytest.approx(64 * cos_neg)  # not re-weighted
+    assert logits[0, 0].item() == pytest.approx(64 * (math.cos(theta_y) - math.sin(math.pi - 0.5) * 0.5))

@@ -1,9 +1,8 @@
-"""The streaming training loader: decode fidelity, epoch coverage, equal batches per rank, seeding, errors."""
+"""The streaming training loader: uint8 decode fidelity, epoch coverage, equal batches per rank, seeding, errors."""
 
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from femb.data.decode import normalise_batch
+from femb.data.decode import decode_batch, decode_rgb, normalize
+from femb.data.layout import shard_name, write_manifest
 from femb.data.loader import ShardStream, make_train_loader, read_num_classes
 from femb.errors import FembError
 
@@ -63,10 +63,9 @@ def write_shards(
                 "image": pa.array([images[k] for k in keys], pa.binary()),
             }
         ).cast(schema)
-        name = f"train-{index:05d}-of-{len(shard_rows):05d}.parquet"
+        name = shard_name(index, len(shard_rows))
         pq.write_table(table, out / name, row_group_size=row_group_size, compression="none")
-    manifest = {"num_classes": num_classes, "num_images": key - 1, "shards": []}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, {"num_classes": num_classes, "num_images": key - 1, "shards": []})
     return images
 
 
@@ -86,30 +85,56 @@ def _epoch(loader) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     return keys, torch.cat(images), torch.cat(labels)
 
 
-def _pil_normalised(data: bytes) -> torch.Tensor:
-    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
-    return torch.from_numpy(((pixels / 255 - 0.5) / 0.5).transpose(2, 0, 1).copy()).float()
+def _pil_decode(data: bytes) -> torch.Tensor:
+    """RGB uint8 3 x H x W as PIL decodes it."""
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1).copy())
 
 
-def test_batches_are_float32_nchw_rgb_normalised_with_int64_labels(shards):
+def _arcface_normalised(images: torch.Tensor) -> torch.Tensor:
+    """arcface_torch's ToTensor + Normalize(0.5, 0.5) in float32: (x/255 - 0.5)/0.5."""
+    return (images.float() / 255 - 0.5) / 0.5
+
+
+def test_batches_are_uint8_nchw_rgb_with_int64_labels(shards):
     out, _ = shards
     loader = make_train_loader(out, batch_size=8, num_workers=0)
     batches = list(loader)
     assert len(batches) == len(loader) == 128 // 8
     images, labels = batches[0]
-    assert images.dtype == torch.float32 and images.shape == (8, 3, SIZE, SIZE)
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, SIZE, SIZE)
     assert labels.dtype == torch.int64 and labels.shape == (8,)
     everything = torch.cat([b[0] for b in batches])
-    assert everything.min() >= -1.0 and everything.max() <= 1.0
-    assert everything.min() < -0.95 and everything.max() > 0.95  # the pictures span the full range
+    assert everything.min() < 5 and everything.max() > 250  # the pictures span the full range
+
+
+def test_normalized_batches_equal_the_arcface_float_pipeline_exactly(shards):
+    out, _ = shards
+    for images, _ in make_train_loader(out, batch_size=16, num_workers=0):
+        normalised = normalize(images)
+        assert normalised.dtype == torch.float32 and normalised.is_contiguous()
+        assert torch.equal(normalised, _arcface_normalised(images))
+        assert torch.equal(normalize(images, torch.bfloat16), normalised.to(torch.bfloat16))
 
 
 def test_decoded_pixels_match_pil_decode_and_labels_match_keys(shards):
     out, images = shards
     keys, decoded, labels = _epoch(make_train_loader(out, 16, 0, flip=False, return_keys=True))
-    worst = max((decoded[i] - _pil_normalised(images[k])).abs().max().item() for i, k in enumerate(keys))
-    assert worst <= 2 * (2 / 255)  # at most two 8-bit levels apart (IDCT rounding may differ)
+    worst = max(
+        (decoded[i].int() - _pil_decode(images[k]).int()).abs().max().item() for i, k in enumerate(keys)
+    )
+    assert worst <= 2  # at most two 8-bit levels apart (IDCT rounding may differ)
     assert labels.tolist() == [k % 7 for k in keys]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_mirrored_decode_is_the_mirror_of_the_plain_decode(fmt):
+    data = _encode(_image(3), fmt)
+    plain = decode_rgb(data)
+    assert np.array_equal(decode_rgb(data, mirror=True), plain[:, ::-1])
+    flip = np.array([True, False, True])
+    batch = decode_batch([data] * 3, flip=flip)
+    assert torch.equal(batch[0], torch.from_numpy(plain[:, ::-1].transpose(2, 0, 1).copy()))
+    assert torch.equal(batch[1], torch.from_numpy(plain.transpose(2, 0, 1).copy()))
 
 
 def test_flip_gives_the_exact_mirror_of_the_unflipped_decode(shards):
@@ -130,8 +155,7 @@ def test_png_rows_decode_losslessly_through_the_pil_fallback(tmp_path):
     write_shards(tmp_path, [20], encode=lambda pixels: _encode(pixels, "PNG"))
     keys, decoded, _ = _epoch(make_train_loader(tmp_path, 4, 0, flip=False, return_keys=True))
     for key, image in zip(keys, decoded):
-        expected = ((torch.from_numpy(_image(key)).permute(2, 0, 1).float() / 255) - 0.5) / 0.5
-        assert torch.equal(image, expected)
+        assert torch.equal(image, torch.from_numpy(_image(key)).permute(2, 0, 1))
 
 
 def test_one_epoch_visits_every_row_at_most_once(tmp_path):
@@ -207,6 +231,11 @@ def test_two_workers_yield_the_same_rows_as_one_process(shards):
     assert len(loader) == 16
     assert Counter(in_process) == Counter(workers)
     assert sorted(labels0.tolist()) == sorted(labels2.tolist())
+    # Pixels decoded into a worker's shared memory arrive intact.
+    keys0, plain0, _ = _epoch(make_train_loader(out, 8, 0, flip=False, return_keys=True))
+    keys2, plain2, _ = _epoch(make_train_loader(out, 8, 2, flip=False, return_keys=True))
+    by_key = dict(zip(keys0, plain0))
+    assert all(torch.equal(image, by_key[key]) for key, image in zip(keys2, plain2))
 
 
 def test_each_new_iterator_reshuffles_and_seed_epoch_reproduce_an_order(shards):
@@ -251,7 +280,7 @@ def test_read_num_classes_takes_the_manifest_and_checks_labels(shards, tmp_path)
     out, _ = shards
     assert read_num_classes(out) == 7
     write_shards(tmp_path, [20], num_classes=7)
-    (tmp_path / "manifest.json").write_text(json.dumps({"num_classes": 5}))
+    write_manifest(tmp_path, {"num_classes": 5})
     with pytest.raises(FembError, match="label 6 is out of range for num_classes 5"):
         read_num_classes(tmp_path)
 
@@ -349,7 +378,7 @@ class _KeyRecorder(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels, keys = batch
         self.seen[-1] += keys.tolist()
-        return (self.weight * images.mean()).sum() + self.weight.sum() * 0
+        return (self.weight * images.float().mean()).sum() + self.weight.sum() * 0
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -379,11 +408,14 @@ def test_lightning_epochs_get_fresh_orders_matching_set_epoch(shards, num_worker
 
 
 def test_normalisation_is_bit_exact_for_every_pixel_value():
-    values = np.arange(256, dtype=np.uint8)
-    pixels = np.broadcast_to(values[None, :, None, None], (1, 256, 2, 3)).copy()  # N x H x W x 3
-    out = normalise_batch(pixels)
-    expected = (torch.from_numpy(values).float() / 255 - 0.5) / 0.5
-    assert torch.equal(out[0, :, :, 0], expected[None, :].expand(3, 256))
+    values = torch.arange(256, dtype=torch.uint8)
+    images = values[None, None, :, None].expand(2, 3, 256, 2).contiguous(memory_format=torch.channels_last)
+    out = normalize(images)
+    expected = (values.float() / 255 - 0.5) / 0.5
+    assert out.is_contiguous() and torch.equal(out[1, 2, :, 1], expected)
+    assert torch.equal(
+        normalize(images, torch.float16), expected.half()[None, None, :, None].expand(2, 3, 256, 2)
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
@@ -423,8 +455,6 @@ def test_only_exact_shard_names_are_read_as_training_data(tmp_path):
 def test_decompression_bomb_is_a_decode_error_not_a_crash():
     import struct
     import zlib
-
-    from femb.data.decode import decode_rgb
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -21,6 +21,7 @@ from femb.data.recordio import (
     open_insightface,
     pack,
     unpack,
+    write_insightface,
 )
 from femb.errors import FembError
 
@@ -184,6 +185,32 @@ def test_writer_uses_temporary_names_until_close(tmp_path: Path) -> None:
     writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.idx", "a.rec"]
     assert (tmp_path / "a.idx").read_text() == "5\t0\n"
+
+
+def test_write_insightface_writes_header_images_identity_ranges_and_property(tmp_path: Path) -> None:
+    labels = [0, 0, 0, 1, 3, 3]  # class 2 has no images: an empty key range
+    images = [b"\xff\xd8img%d" % i for i in range(len(labels))]
+    assert write_insightface(tmp_path, labels, iter(images), (96, 112)) == {"num_images": 6, "num_classes": 4}
+    assert (tmp_path / "property").read_text() == "4,96,112"
+    with RecordReader(tmp_path / "train.rec", tmp_path / "train.idx") as reader:
+        assert reader.keys == list(range(6 + 1 + 4))
+        header, rest = unpack(reader.read(0))
+        assert (header.flag, header.label.tolist(), len(rest)) == (2, [7.0, 11.0], 0)
+        ranges = [unpack(reader.read(7 + c))[0].label.tolist() for c in range(4)]
+        assert ranges == [[1.0, 4.0], [4.0, 5.0], [5.0, 5.0], [5.0, 7.0]]
+    with InsightFaceRecords(tmp_path) as dataset:
+        assert dataset.layout == "header" and dataset.image_size == (96, 112)
+        assert dataset.spans().labels.tolist() == labels
+        assert [dataset.image(k) for k in range(1, 7)] == images
+
+
+def test_write_insightface_refuses_unsorted_labels_or_a_wrong_image_count(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="non-decreasing"):
+        write_insightface(tmp_path, [1, 0], [b"a", b"b"], 112)
+    for images in ([b"a"], [b"a", b"b", b"c"]):
+        with pytest.raises(ValueError, match="2 labels"):
+            write_insightface(tmp_path, [0, 1], images, 112)
+    assert list(tmp_path.iterdir()) == []  # the .rec and .idx were under temporary names
 
 
 def test_spans_fast_path_agrees_with_per_record_reads(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from femb.data.binfile import read_bin
 from femb.data.recordio import RecordReader, open_insightface, unpack
 from femb.data.synth import synthesize
 from femb.errors import FembError
+from femb.io import temp_path
 
 SMALL = {"identities": 5, "images_per_identity": 3, "pairs": 8, "seed": 7}
 DATA_FILES = ("train.rec", "train.idx", "property", "demo.bin", "demo_hard.bin")
@@ -123,7 +124,7 @@ def test_rerun_with_same_parameters_is_a_no_op(small: Path) -> None:
 def test_rerun_with_other_parameters_replaces_the_dataset(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     synthesize(out, **SMALL, progress=False)
-    (out / ".train.rec.dead.tmp").write_bytes(b"left by a killed run")
+    temp_path(out / "train.rec").write_bytes(b"left by a killed run")
     summary = synthesize(out, **{**SMALL, "identities": 3}, progress=False)
     assert summary["reused"] is False and summary["num_classes"] == 3
     assert (out / "property").read_text().strip() == "3,112,112"

@@ -13,10 +13,14 @@ import lightning as L
 import pytest
 import torch
 
-from femb.config import parse_params
+from femb.config import ModelParams, OptimParams, PartialFCParams, parse_params
+from femb.data.decode import normalize
 from femb.errors import FembError
-from femb.training.run import train
+from femb.training.module import FaceRecognitionModule
+from femb.training.run import build_module, train
 from femb.weights import load_backbone
+
+TINY = ModelParams(backbone="iresnet_tiny", embedding_size=64, head="arcface")
 
 
 def small_params(shards: Path, out_dir: Path, **train_overrides) -> dict:
@@ -63,6 +67,14 @@ def test_training_writes_checkpoints_backbone_and_metrics(demo_shards, tmp_path)
     state = torch.load(out / "backbone.pth", weights_only=True)
     assert "fc.weight" in state and not any(k.startswith("backbone.") for k in state)
     assert load_backbone(out / "backbone.pth").fc.out_features == 64
+    # last.ckpt says how it was trained (plain dicts), loads back as a module and as a backbone
+    last = out / "checkpoints" / "last.ckpt"
+    hparams = torch.load(last, weights_only=True, map_location="cpu")["hyper_parameters"]
+    assert hparams["num_classes"] == 40 and hparams["model"]["head"] == "arcface"
+    assert hparams["model"]["head_hparams"] == {"s": 64.0, "m": 0.5} and hparams["optim"]["lr"] == 0.05
+    module = FaceRecognitionModule.load_from_checkpoint(last, map_location="cpu")
+    assert module.model_params.backbone == "iresnet_tiny" and module.header.weight.shape == (40, 64)
+    torch.testing.assert_close(load_backbone(last).state_dict(), module.backbone.state_dict())
 
 
 _KILLABLE = textwrap.dedent(
@@ -184,19 +196,61 @@ def test_ddp_on_two_cpu_processes_with_partial_fc_saves_a_shard_per_rank(demo_sh
     assert rank0.shape == rank1.shape == (20, 512) and not torch.equal(rank0, rank1)
 
 
-def test_checkpoint_of_another_class_count_is_refused_naming_both(demo_shards, tmp_path):
-    from femb.training.module import FaceRecognitionModule
-
-    module = FaceRecognitionModule(num_classes=40, backbone="iresnet_tiny", embedding_size=64)
+def test_checkpoint_of_another_class_count_or_model_is_refused_naming_both():
+    module = FaceRecognitionModule(40, TINY)
     checkpoint = {"hyper_parameters": {**module.hparams, "num_classes": 93431}, "state_dict": {}}
     with pytest.raises(FembError, match="num_classes is 93431 in the checkpoint but 40 in this run"):
         module.on_load_checkpoint(checkpoint)
+    other = {**module.hparams, "model": {**module.hparams["model"], "head": "cosface"}}
+    with pytest.raises(FembError, match="head is 'cosface' in the checkpoint but 'arcface' in this run"):
+        module.on_load_checkpoint({"hyper_parameters": other, "state_dict": {}})
 
 
-def test_gradient_clipping_bounds_the_backbone_and_leaves_the_class_centres(demo_shards):
-    from femb.training.module import FaceRecognitionModule
+def test_module_takes_the_validated_sections_of_params(demo_shards, tmp_path):
+    params = parse_params(small_params(demo_shards, tmp_path, dropout=0.2, momentum=0.8))
+    module = build_module(params, num_classes=40)
+    assert module.model_params == params.model_section()
+    assert module.model_params.dropout == 0.2 and module.backbone.dropout.p == 0.2
+    assert module.optim == OptimParams(**{k: getattr(params.train, k) for k in OptimParams.model_fields})
+    assert set(module.hparams) == {"num_classes", "model", "optim", "partial_fc"}
+    json.dumps(dict(module.hparams))  # plain JSON: a checkpoint loads with weights_only
 
-    module = FaceRecognitionModule(num_classes=40, backbone="iresnet_tiny", embedding_size=64)
+
+def test_partial_fc_builds_the_head_once_at_this_ranks_shard_size():
+    module = FaceRecognitionModule(41, TINY, partial_fc=PartialFCParams(enabled=True, sample_rate=0.5))
+    assert module.header is None  # no full 41 x 64 head: the world size is not known yet
+    module.build_partial_fc(rank=1, world_size=3)
+    assert module.header.weight.shape == (14, 64) and module.partial_fc.class_start == 14
+    assert module._ddp_params_and_buffers_to_ignore == ["header.weight"]
+
+
+def test_partial_fc_on_one_process_trains_and_resumes(demo_shards, tmp_path):
+    out = tmp_path / "pfc"
+    overrides = {"partial_fc": {"enabled": True, "sample_rate": 0.5}, "max_steps": 3}
+    train(parse_params(small_params(demo_shards, out, **overrides)), progress=False)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["state_dict"]["header.weight"].shape == (40, 64)
+    summary = train(parse_params(small_params(demo_shards, out, **overrides)), progress=False)
+    assert summary["steps"] == 3 and summary["resumed_from"].endswith("last.ckpt")  # restored, nothing left
+    module = FaceRecognitionModule.load_from_checkpoint(last, map_location="cpu")
+    assert module.header.weight.shape == (40, 64)
+
+
+def test_uint8_batches_are_normalised_after_transfer_in_the_backbones_dtype():
+    module = FaceRecognitionModule(40, TINY)
+    pixels = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    labels = torch.tensor([1, 2])
+    images, same = module.on_after_batch_transfer((pixels, labels), 0)
+    assert images.dtype == torch.float32 and same is labels
+    torch.testing.assert_close(images, normalize(pixels))
+    floats = torch.rand(2, 3, 112, 112)
+    assert module.on_after_batch_transfer((floats, labels), 0)[0] is floats  # already normalised
+    module.double()  # as Lightning leaves a "64-true" module
+    assert module.on_after_batch_transfer((pixels, labels), 0)[0].dtype == torch.float64
+
+
+def test_gradient_clipping_bounds_the_backbone_and_leaves_the_class_centres():
+    module = FaceRecognitionModule(40, TINY)
     for p in module.parameters():
         p.grad = torch.full_like(p, 3.0)
     module.configure_gradient_clipping(None, gradient_clip_val=1.0)

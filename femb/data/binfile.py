@@ -1,4 +1,4 @@
-"""InsightFace .bin verification sets: a pickle of `(bins, issame)`, read without running any code.
+"""InsightFace .bin pair sets (docs/architecture.md ".bin pair sets"): a pickle read without running any code.
 
 A .bin holds `2*P` encoded images (the two images of pair `i` are `bins[2*i]` and `bins[2*i+1]`)
 and `P` booleans, as written by InsightFace's packing scripts (`lfw2pack.py` and its siblings):
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from femb.errors import FembError
+from femb.io import atomic_path
 
 # Protocol 4 stores bytes natively (BINBYTES), so InsightFace's own `pickle.load(f)` reads our
 # files on python 3 without `encoding=`; protocol 2 from python 3 would wrap every image in a
@@ -256,16 +255,10 @@ def _check_counts(path: Path, num_images: int, num_pairs: int) -> None:
 
 
 def write_bin(path: Path, images: Sequence[bytes], issame: Sequence[bool]) -> None:
-    """Write a .bin pair set InsightFace's `load_bin` reads (pickle protocol 4), atomically via temp + rename."""
+    """Write a .bin pair set InsightFace's `load_bin` reads (pickle protocol 4), atomically (`femb.io`)."""
     path = Path(path)
     bins = [bytes(image) for image in images]
     flags = [bool(flag) for flag in issame]
     _check_counts(path, len(bins), len(flags))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # default permissions (mkstemp would make the file owner-only)
-            pickle.dump((bins, flags), f, protocol=PICKLE_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, sync=False) as tmp, open(tmp, "xb") as f:
+        pickle.dump((bins, flags), f, protocol=PICKLE_PROTOCOL)

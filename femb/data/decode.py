@@ -1,8 +1,15 @@
-"""Encoded face images -> normalised float32 batches: libjpeg-turbo decode, mirror, (x/255 - 0.5)/0.5, RGB, CHW."""
+"""Encoded face images -> uint8 RGB batches, and their (x/255 - 0.5)/0.5 normalisation (arcface_torch's transform).
+
+The one place that knows the image size, how an image is decoded (libjpeg-turbo for JPEG, PIL for
+anything else) and how pixels are normalised. Batches are uint8 N x 3 x H x W in channels-last memory
+(N x H x W x 3 bytes, the layout libjpeg-turbo writes): decoding is the only pass over the pixels on the
+CPU, and `normalize` turns them into contiguous floats on whichever device they are sent to.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,7 +19,6 @@ from PIL import Image
 
 IMAGE_SIZE = 112  # the ArcFace-aligned crop of every InsightFace dataset
 _JPEG_MAGIC = b"\xff\xd8"
-_CHUNK = 16  # images decoded then normalised together, so that their pixels are still in cache
 
 
 class ImageDecodeError(ValueError):
@@ -24,83 +30,96 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def _decode_with_pil(data: bytes, size: int, out: np.ndarray) -> None:
+def _decode_with_pil(data: bytes, size: int, out: np.ndarray, colorspace: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size != (size, size):
                 raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
-            out[...] = np.asarray(img.convert("RGB"))
+            rgb = np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # unknown, corrupt or huge images
         raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+    out[...] = rgb if colorspace == "RGB" else rgb[..., ::-1]
 
 
-def decode_rgb(data: bytes, size: int = IMAGE_SIZE, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode one image to RGB uint8 (size, size, 3): libjpeg-turbo for JPEG, PIL for anything else."""
-    if out is None:
-        out = np.empty((size, size, 3), np.uint8)
+def _decode(data: bytes, size: int, out: np.ndarray, colorspace: str) -> None:
+    """Decode into `out` (size, size, 3) as RGB or BGR."""
     if data[:2] == _JPEG_MAGIC:
         # On a ValueError (too large for the buffer, or corrupt) PIL takes over: it names the size, decodes
         # what libjpeg-turbo only warns about (as OpenCV does for arcface_torch) and refuses truncated data.
         try:
-            shape = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out).shape
+            shape = simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=out).shape
         except ValueError:
             shape = None
         if shape == out.shape:
-            return out
+            return
         if shape is not None:
             raise ValueError(f"image is {shape[1]}x{shape[0]}, expected {size}x{size}")
-    _decode_with_pil(data, size, out)
+    _decode_with_pil(data, size, out, colorspace)
+
+
+def decode_rgb(
+    data: bytes, size: int = IMAGE_SIZE, out: np.ndarray | None = None, mirror: bool = False
+) -> np.ndarray:
+    """Decode one image to RGB uint8 (size, size, 3), mirrored left-right if `mirror`; ValueError if it cannot."""
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
+    elif out.shape != (size, size, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous uint8 array of shape ({size}, {size}, 3)")
+    if not mirror:
+        _decode(data, size, out, "RGB")
+        return out
+    # Reversing the bytes of each BGR row mirrors its pixels and makes them RGB: one long copy, not W short ones.
+    bgr = np.empty_like(out)
+    _decode(data, size, bgr, "BGR")
+    np.copyto(out.reshape(size, 3 * size), bgr.reshape(size, 3 * size)[:, ::-1])
     return out
 
 
-def normalise_batch(
-    pixels: np.ndarray, flip: np.ndarray | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """RGB uint8 N x H x W x 3 -> float32 N x 3 x H x W, (x/255 - 0.5)/0.5 as arcface_torch, mirrored where flip."""
-    n, height, width, _ = pixels.shape
-    if out is None:
-        out = torch.empty((n, 3, height, width), dtype=torch.float32)
-    if flip is None or not flip.any():
-        chw = pixels.transpose(0, 3, 1, 2)
+def image_batch(n: int, size: int = IMAGE_SIZE, shared: bool = False) -> torch.Tensor:
+    """An empty uint8 n x 3 x size x size batch in channels-last memory (in shared memory if `shared`)."""
+    shape = (n, size, size, 3)
+    if shared:  # as default_collate does in a worker: the batch then crosses to the main process uncopied
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+        pixels = torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
     else:
-        # The mirror rides along with the HWC -> CHW copy; a separate flip of 3-byte pixels costs as much again.
-        chw = np.empty((n, 3, height, width), np.uint8)
-        for i in range(n):
-            chw[i] = (pixels[i, :, ::-1] if flip[i] else pixels[i]).transpose(2, 0, 1)
-    out.copy_(torch.from_numpy(chw))
-    # x/127.5 - 1 equals (x/255 - 0.5)/0.5 bit for bit in float32 (scaling by 2 is exact), in one pass less.
-    return out.div_(127.5).sub_(1.0)
-
-
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 N x 3 x H x W on any device -> (x/255 - 0.5)/0.5 in `dtype` (computed in at least float32).
-
-    The training loader delivers uint8 and this runs after the transfer to the device, so four times
-    fewer bytes cross the bus; x/127.5 - 1 equals the arcface_torch formula bit for bit in float32.
-    """
-    compute = torch.promote_types(dtype, torch.float32)
-    return images.to(compute).div_(127.5).sub_(1.0).to(dtype)
+        pixels = torch.empty(shape, dtype=torch.uint8)
+    return pixels.permute(0, 3, 1, 2)
 
 
 def decode_batch(
     images: Sequence[bytes],
     size: int = IMAGE_SIZE,
     flip: np.ndarray | None = None,
-    scratch: np.ndarray | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode, mirror (where flip) and normalise encoded images into one float32 N x 3 x H x W tensor (or `out`)."""
+    """Decode (and mirror where `flip`) encoded images into uint8 N x 3 x size x size, channels-last (or `out`).
+
+    `out` must come from `image_batch`; an ImageDecodeError gives the index of the first bad image.
+    """
     n = len(images)
-    if scratch is None or scratch.shape[0] < n or scratch.shape[1:] != (size, size, 3):
-        scratch = np.empty((n, size, size, 3), np.uint8)
     if out is None:
-        out = torch.empty((n, 3, size, size), dtype=torch.float32)
-    for lo in range(0, n, _CHUNK):
-        hi = min(n, lo + _CHUNK)
-        for i in range(lo, hi):
-            try:
-                decode_rgb(images[i], size, out=scratch[i])
-            except ValueError as exc:
-                raise ImageDecodeError(i, str(exc)) from exc
-        normalise_batch(scratch[lo:hi], None if flip is None else flip[lo:hi], out[lo:hi])
+        out = image_batch(n, size)
+    pixels = out.permute(0, 2, 3, 1)
+    if pixels.shape != (n, size, size, 3) or out.dtype != torch.uint8 or not pixels.is_contiguous():
+        raise ValueError(f"out must be a {n} x 3 x {size} x {size} uint8 batch from image_batch")
+    array = pixels.numpy()
+    mirror = [False] * n if flip is None else flip.tolist()
+    for i in range(n):
+        try:
+            decode_rgb(images[i], size, array[i], mirror[i])
+        except ValueError as exc:
+            raise ImageDecodeError(i, str(exc)) from exc
     return out
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 N x 3 x H x W on any device -> contiguous (x/255 - 0.5)/0.5 in `dtype` (computed in at least float32).
+
+    The training loader delivers uint8 and this runs after the transfer to the device, so four times
+    fewer bytes cross the bus and the channels-last -> contiguous transpose rides along with the
+    conversion. x/127.5 - 1 equals the arcface_torch formula bit for bit in float32 (scaling by 2 is exact).
+    """
+    compute = torch.promote_types(dtype, torch.float32)
+    floats = images.to(compute, memory_format=torch.contiguous_format)
+    # A tensor divisor: CUDA multiplies by the float32 reciprocal of a Python scalar, one ulp off for 111 of 256 values.
+    return floats.div_(torch.full((), 127.5, dtype=compute, device=floats.device)).sub_(1.0).to(dtype)

@@ -1,4 +1,4 @@
-"""The training stream over Parquet shards (DESIGN.md data path step 3): seeded, sharded, equal batches per rank.
+"""The training stream over Parquet shards (docs/architecture.md "The data path"): seeded, sharded, equal batches.
 
 Each epoch the row groups of all shards ("units") are shuffled with a generator seeded by (seed, epoch), the
 same on every rank, and laid end to end into one stream of rows. Rank r takes rows [r*N, (r+1)*N) of that
@@ -7,13 +7,12 @@ rank yields exactly batches_per_rank = total_rows // (world_size * batch_size) b
 no row is read twice in an epoch, and fewer than world_size * batch_size rows sit out, a different few each
 epoch. A rank whose range cuts a row group reads that group and keeps its part: no wrap-around, no borrowing.
 Within a worker a shuffle buffer (reservoir, as WebDataset's `shuffle`) mixes rows across row groups, which
-matters because InsightFace records are sorted by identity.
+matters because InsightFace records are sorted by identity. Batches are uint8 (`femb.data.decode.decode_batch`,
+already mirrored where flipped); the LightningModule normalises them on the device.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,13 +25,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-from femb.data.decode import IMAGE_SIZE, ImageDecodeError, decode_batch
-from femb.data.shards import SHARD_NAME
+from femb.data.decode import IMAGE_SIZE, ImageDecodeError, decode_batch, image_batch
+from femb.data.layout import (
+    SHARD_COLUMNS,
+    SHARD_GLOB,
+    SHARD_NAME,
+    manifest_path,
+    read_manifest,
+    shard_files,
+    shard_name,
+)
 from femb.errors import FembError
 
-SHARD_GLOB = "train-*.parquet"
 DEFAULT_SHUFFLE_BUFFER = 8192  # rows per worker: ~60 MB of encoded 112x112 JPEGs, several row groups deep
-_COLUMNS = ("key", "label", "image")
 _EXPECTED_TYPES = {
     "key": (pa.int64(),),
     "label": (pa.int64(),),
@@ -62,7 +67,7 @@ class Unit:
 
 
 def _check_schema(path: Path, schema: pa.Schema) -> None:
-    for name in _COLUMNS:
+    for name in SHARD_COLUMNS:
         index = schema.get_field_index(name)
         if index < 0:
             raise ShardError(
@@ -89,7 +94,7 @@ def _check_shard_set(shards_dir: Path, files: list[Path]) -> None:
         missing = sorted(set(range(total)) - indices)
         if missing:
             raise ShardError(
-                f"{shards_dir}: shard train-{missing[0]:05d}-of-{total:05d}.parquet is missing "
+                f"{shards_dir}: shard {shard_name(missing[0], total)} is missing "
                 f"({total - len(indices)} of {total} absent)"
             )
 
@@ -101,7 +106,7 @@ def scan_shards(shards_dir: Path | str) -> tuple[list[Path], list[Unit]]:
         raise ShardError(
             f"{shards_dir}: shard directory does not exist (run `femb convert SRC {shards_dir}`)"
         )
-    files = sorted(p for p in shards_dir.glob(SHARD_GLOB) if SHARD_NAME.fullmatch(p.name))
+    files = shard_files(shards_dir)
     if not files:
         raise ShardError(f"{shards_dir}: no {SHARD_GLOB} shards in this directory (run `femb convert`)")
     _check_shard_set(shards_dir, files)
@@ -121,7 +126,7 @@ def scan_shards(shards_dir: Path | str) -> tuple[list[Path], list[Unit]]:
 
 
 def read_num_classes(shards_dir: Path | str) -> int:
-    """The number of identities: manifest.json's num_classes, checked against the labels' Parquet statistics."""
+    """The number of identities: the manifest's num_classes, checked against the labels' Parquet statistics."""
     shards_dir = Path(shards_dir)
     files, _ = scan_shards(shards_dir)
     low, high = None, None
@@ -136,19 +141,19 @@ def read_num_classes(shards_dir: Path | str) -> int:
             high = stats.max if high is None else max(high, stats.max)
     if low is not None and low < 0:
         raise ShardError(f"{shards_dir}: labels must be >= 0, found {low}")
-    manifest = shards_dir / "manifest.json"
-    if manifest.is_file():
-        try:
-            num_classes = json.loads(manifest.read_text())["num_classes"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ShardError(f"{manifest}: no readable num_classes ({exc})") from exc
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ShardError(f"{manifest}: num_classes must be a positive integer, got {num_classes!r}")
+    manifest = read_manifest(shards_dir)
+    if manifest is not None:
+        path = manifest_path(shards_dir)
+        if "num_classes" not in manifest:
+            raise ShardError(f"{path}: no num_classes")
+        num_classes = manifest["num_classes"]
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ShardError(f"{path}: num_classes must be a positive integer, got {num_classes!r}")
         if high is not None and high >= num_classes:
             raise ShardError(f"{shards_dir}: label {high} is out of range for num_classes {num_classes}")
         return num_classes
     if high is None:
-        raise ShardError(f"{shards_dir}: no manifest.json and no label statistics to count classes from")
+        raise ShardError(f"{shards_dir}: no manifest and no label statistics to count classes from")
     return high + 1
 
 
@@ -169,7 +174,7 @@ def _share(batches: int, worker: int, num_workers: int) -> int:
 
 
 class ShardStream(IterableDataset):
-    """Batches of (images float32 B x 3 x S x S, labels int64 B[, keys int64 B]) for one rank, seeded per epoch."""
+    """Batches of (images uint8 B x 3 x S x S, labels int64 B[, keys int64 B]) for one rank, seeded per epoch."""
 
     def __init__(
         self,
@@ -291,13 +296,13 @@ class ShardStream(IterableDataset):
                 if unit.shard not in readers:
                     readers[unit.shard] = pq.ParquetFile(path)
                 try:
-                    table = readers[unit.shard].read_row_group(unit.row_group, columns=list(_COLUMNS))
+                    table = readers[unit.shard].read_row_group(unit.row_group, columns=list(SHARD_COLUMNS))
                 except (OSError, pa.ArrowException) as exc:
                     raise ShardError(f"{path}: row group {unit.row_group} cannot be read ({exc})") from exc
                 if table.num_rows != unit.rows:
                     raise ShardError(f"{path}: row group {unit.row_group} changed while training; re-scan")
                 table = table.slice(lo, hi - lo)
-                for name in _COLUMNS:
+                for name in SHARD_COLUMNS:
                     if table.column(name).null_count:
                         raise ShardError(f"{path}: row group {unit.row_group} has null values in '{name}'")
                 keys = table.column("key").to_numpy().tolist()
@@ -327,18 +332,12 @@ class ShardStream(IterableDataset):
         for slot in rng.permutation(len(reservoir)).tolist():
             yield reservoir[slot]
 
-    def _batch(
-        self, rows: list[tuple[int, int, bytes, int]], rng: np.random.Generator, scratch: np.ndarray
-    ) -> tuple:
+    def _batch(self, rows: list[tuple[int, int, bytes, int]], rng: np.random.Generator) -> tuple:
         flip = rng.random(len(rows)) < 0.5 if self.flip else None
-        out = None
-        if get_worker_info() is not None:
-            # Fill shared memory directly, as default_collate does: the queue would otherwise copy the batch there.
-            shape = (len(rows), 3, self.image_size, self.image_size)
-            storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-            out = torch.empty(0).new(storage).view(shape)
+        # In a worker, decode straight into shared memory: the queue would otherwise copy the batch there.
+        out = image_batch(len(rows), self.image_size, shared=get_worker_info() is not None)
         try:
-            images = decode_batch([row[2] for row in rows], self.image_size, flip, scratch, out)
+            images = decode_batch([row[2] for row in rows], self.image_size, flip, out)
         except ImageDecodeError as exc:
             key, shard = rows[exc.index][0], rows[exc.index][3]
             raise ShardError(f"{self.files[shard]}: key {key}: {exc.reason}") from exc
@@ -355,7 +354,6 @@ class ShardStream(IterableDataset):
     def _batches(self, epoch: int, worker: int, num_workers: int) -> Iterator[tuple]:
         slices = self.worker_slices(epoch, worker, num_workers)
         rng = np.random.default_rng([_ROW_STREAM, self.seed, epoch, self.rank, worker])
-        scratch = np.empty((self.batch_size, self.image_size, self.image_size, 3), np.uint8)
         skip = self.worker_skip(epoch, worker, num_workers)
         batch: list[tuple[int, int, bytes, int]] = []
         for row in self._shuffled(slices, rng):
@@ -367,7 +365,7 @@ class ShardStream(IterableDataset):
                 if self.flip:
                     rng.random(len(batch))  # the flips this batch would have drawn
             else:
-                yield self._batch(batch, rng, scratch)
+                yield self._batch(batch, rng)
             batch = []
 
 

@@ -1,4 +1,4 @@
-"""dmlc RecordIO (the .rec/.idx files of mxnet and InsightFace), read and written without mxnet.
+"""dmlc RecordIO (the .rec/.idx files of mxnet and InsightFace; docs/architecture.md "RecordIO"), without mxnet.
 
 Framing (dmlc-core `recordio.h`): each part is `uint32 magic 0xced7230a`, `uint32 lrecord`
 (`cflag = lrecord >> 29`, `length = lrecord & (2**29 - 1)`), `length` payload bytes, zero padding
@@ -13,10 +13,9 @@ from __future__ import annotations
 import mmap
 import numbers
 import os
-import secrets
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -24,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femb.errors import FembError
+from femb.io import temp_path, write_text
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -257,16 +257,18 @@ class RecordReader:
         self.close()
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def record_image(reader: RecordReader, offset: int) -> bytes:
+    """The bytes after the IRHeader of the record at `offset` (joined: a multi-part image is not contiguous)."""
+    payload, _ = reader.read_at(offset)
+    return bytes(unpack(payload)[1])
 
 
 class RecordWriter:
-    """Write a .rec/.idx pair mxnet can read (dmlc framing), under temporary names renamed on close."""
+    """Write a .rec/.idx pair mxnet can read (dmlc framing), under `femb.io` temporary names renamed on close."""
 
     def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str]):
         self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
-        self._rec_tmp, self._idx_tmp = _temp_name(self.rec_path), _temp_name(self.idx_path)
+        self._rec_tmp, self._idx_tmp = temp_path(self.rec_path), temp_path(self.idx_path)
         self._rec = open(self._rec_tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
         self._idx = open(self._idx_tmp, "w", encoding="ascii")  # noqa: SIM115
         self._pos = 0
@@ -478,3 +480,39 @@ class InsightFaceRecords:
 def open_insightface(src_dir: str | os.PathLike[str]) -> InsightFaceRecords:
     """Open an InsightFace training directory (train.rec, train.idx, property)."""
     return InsightFaceRecords(src_dir)
+
+
+def write_insightface(
+    out_dir: str | os.PathLike[str],
+    labels: Sequence[int] | np.ndarray,
+    images: Iterable[bytes],
+    image_size: int | tuple[int, int],
+) -> dict[str, int]:
+    """Write `train.rec`, `train.idx` and `property` in InsightFace's layout; the image and class counts.
+
+    `images` (consumed as it is written) are labelled `labels`, which must not decrease, so that each
+    class is one run of keys. Record 0 is the header `[N+1, M]`, records 1..N the images, records
+    N+1..M-1 one `[start, end)` key range per class (docs/architecture.md "RecordIO"); every file is
+    written under a temporary name and renamed when complete.
+    """
+    out_dir = Path(out_dir)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or (labels.size and (labels[0] < 0 or (np.diff(labels) < 0).any())):
+        raise ValueError("labels must be a non-decreasing run of class ids from 0")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    num_images = int(labels.size)
+    num_classes = int(labels[-1]) + 1 if num_images else 0
+    bounds = 1 + np.searchsorted(labels, np.arange(num_classes + 1))  # class c: keys [bounds[c], bounds[c+1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with RecordWriter(out_dir / "train.rec", out_dir / "train.idx") as writer:
+        writer.write(0, pack(IRHeader(2, [num_images + 1, num_images + 1 + num_classes], 0, 0), b""))
+        stream, key = iter(images), 0
+        for key, (label, image) in enumerate(zip(labels.tolist(), stream), start=1):
+            writer.write(key, pack(IRHeader(0, float(label), key, 0), image))
+        if key != num_images or next(stream, None) is not None:
+            raise ValueError(f"{num_images} labels but another number of images")
+        for c in range(num_classes):
+            key = num_images + 1 + c
+            writer.write(key, pack(IRHeader(2, [int(bounds[c]), int(bounds[c + 1])], key, 0), b""))
+    write_text(out_dir / "property", f"{num_classes},{height},{width}")
+    return {"num_images": num_images, "num_classes": num_classes}

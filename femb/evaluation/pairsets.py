@@ -1,9 +1,10 @@
 """Verification pair sets (InsightFace .bin or femb pair .parquet): decode once, embed with flips, verify.
 
 A pair set holds `2*P` aligned 112x112 face images, pair `i` being images `2i` (left) and `2i+1`
-(right), and `P` same/different labels. Scoring follows arcface_torch `eval/verification.py`
-(`test`): every image and its horizontal mirror are embedded from RGB pixels normalised as
-`(x/255 - 0.5)/0.5`, the two embeddings are summed, and the sums go to the 10-fold protocol of
+(right), and `P` same/different labels (docs/architecture.md ".bin pair sets" and "Pair files").
+Scoring follows arcface_torch `eval/verification.py` (`test`): every image and its horizontal mirror
+are embedded (`femb.embed.embed_batches`, pixels normalised as `(x/255 - 0.5)/0.5`), the two
+embeddings are summed, and the sums go to the 10-fold protocol of
 `femb.evaluation.verification.evaluate_pairs` (which L2-normalises them); XNorm is the mean L2 norm
 of the raw plain and mirrored embeddings. The same functions serve `femb evaluate` and the
 periodic verification of training, so decoding happens once per file (cached) and the embedding
@@ -28,13 +29,14 @@ from torch import nn
 from tqdm import tqdm
 
 from femb.data.binfile import read_bin
-from femb.data.decode import IMAGE_SIZE, decode_rgb
+from femb.data.decode import IMAGE_SIZE, ImageDecodeError, decode_batch, image_batch
+from femb.data.layout import PAIR_COLUMNS
+from femb.embed import embed_batches
 from femb.errors import FembError
 from femb.evaluation.verification import evaluate_pairs, mean_embedding_norm
 from femb.weights import OnnxBackbone
 
-PAIR_COLUMNS = ("left", "right", "is_same")
-_SIDES = ("left", "right")
+_LEFT, _RIGHT, _IS_SAME = PAIR_COLUMNS
 _DECODE_CHUNK = 256  # images per decode task: big enough to amortise the pool, small enough to balance
 _MAX_DECODE_THREADS = 8
 
@@ -44,7 +46,10 @@ _cache_lock = Lock()
 
 @dataclass(frozen=True, eq=False)
 class PairSet:
-    """A decoded pair set: uint8 RGB images [2P, 3, H, W] (left, right interleaved, as in .bin) and is_same [P]."""
+    """A decoded pair set: uint8 RGB images [2P, 3, H, W] (left, right interleaved, as in .bin) and is_same [P].
+
+    `images` is channels-last in memory, as `femb.data.decode.decode_batch` writes it.
+    """
 
     name: str
     path: Path
@@ -111,42 +116,14 @@ def embed_pair_set(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of every image and of its horizontal mirror, float32 [2P, D] each (arcface_torch `test`).
 
-    The model runs in eval mode under `torch.inference_mode` (its previous mode is restored after),
-    on `device` if given (a torch module is moved there) or where its parameters are; ONNX backbones
-    run on their own onnxruntime provider. Pixels are normalised as `(x/255 - 0.5)/0.5` on the device.
+    On `device` if given (a torch module is moved there), else where the model's parameters are; ONNX
+    backbones run on their own onnxruntime provider. See `femb.embed.embed_batches`.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FembError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if device is not None and not isinstance(model, OnnxBackbone):
         model.to(device)
-    target, dtype = _device_and_dtype(model)
-    images = pair_set.images
-    total = images.shape[0]
-    emb = emb_flip = None
-    was_training = model.training
-    model.eval()
-    bar = tqdm(
-        total=total,
-        unit="img",
-        desc=f"embed {pair_set.name}",
-        disable=None if progress is None else not progress,
+    emb, emb_flip = embed_batches(
+        model, pair_set.images, batch_size, mirrored=True, desc=f"embed {pair_set.name}", progress=progress
     )
-    try:
-        with torch.inference_mode():
-            for start in range(0, total, batch_size):
-                batch = images[start : start + batch_size].to(target, non_blocking=True)
-                x = batch.to(torch.float32).div_(255.0).sub_(0.5).div_(0.5).to(dtype)
-                plain = model(x).float().cpu().numpy()
-                mirrored = model(x.flip(3)).float().cpu().numpy()
-                if emb is None:
-                    emb = np.empty((total, plain.shape[1]), np.float32)
-                    emb_flip = np.empty_like(emb)
-                emb[start : start + len(x)] = plain
-                emb_flip[start : start + len(x)] = mirrored
-                bar.update(len(x))
-    finally:
-        bar.close()
-        model.train(was_training)
     return emb, emb_flip
 
 
@@ -171,7 +148,7 @@ def verify_pair_set(
 
 
 def _read_pair_parquet(path: Path) -> tuple[list[bytes], list[bool]]:
-    """Encoded images interleaved left, right and the labels of a pair .parquet (DESIGN.md "Pairs")."""
+    """Encoded images interleaved left, right and the labels of a pair .parquet (docs/architecture.md "Pair files")."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as err:
@@ -180,9 +157,9 @@ def _read_pair_parquet(path: Path) -> tuple[list[bytes], list[bool]]:
     if missing:
         raise FembError(
             f"{path}: not a pair set: missing column(s) {', '.join(missing)} "
-            f"(found {', '.join(schema.names) or 'none'}; expected left, right binary and is_same bool)"
+            f"(found {', '.join(schema.names) or 'none'}; expected {_LEFT}, {_RIGHT} binary and {_IS_SAME} bool)"
         )
-    for column, check in (("left", _is_binary), ("right", _is_binary), ("is_same", pa.types.is_boolean)):
+    for column, check in ((_LEFT, _is_binary), (_RIGHT, _is_binary), (_IS_SAME, pa.types.is_boolean)):
         if not check(schema.field(column).type):
             raise FembError(f"{path}: column '{column}' has type {schema.field(column).type}")
     try:
@@ -196,8 +173,8 @@ def _read_pair_parquet(path: Path) -> tuple[list[bytes], list[bool]]:
         nulls = [i for i, value in enumerate(columns[name]) if value is None]
         if nulls:
             raise FembError(f"{path}: pair {nulls[0]}: column '{name}' is null ({len(nulls)} null rows)")
-    encoded = [image for pair in zip(columns["left"], columns["right"]) for image in pair]
-    return encoded, columns["is_same"]
+    encoded = [image for pair in zip(columns[_LEFT], columns[_RIGHT]) for image in pair]
+    return encoded, columns[_IS_SAME]
 
 
 def _is_binary(kind: pa.DataType) -> bool:
@@ -206,9 +183,7 @@ def _is_binary(kind: pa.DataType) -> bool:
 
 def _decode_all(path: Path, encoded: Sequence[bytes], progress: bool | None) -> torch.Tensor:
     """Decode every image into one uint8 [N, 3, 112, 112] tensor; FembError names the first bad pair and side."""
-    images = torch.empty((len(encoded), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    # Threads write through numpy: a torch copy from a worker thread waits on torch's OpenMP pool.
-    pixels = images.numpy()
+    images = image_batch(len(encoded), IMAGE_SIZE)
     chunks = [range(i, min(i + _DECODE_CHUNK, len(encoded))) for i in range(0, len(encoded), _DECODE_CHUNK)]
     bar = tqdm(
         total=len(encoded),
@@ -218,15 +193,15 @@ def _decode_all(path: Path, encoded: Sequence[bytes], progress: bool | None) -> 
     )
 
     def decode(indices: range) -> list[tuple[int, str]]:
-        scratch = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         failures = []
-        for i in indices:
+        start, stop = indices.start, indices.stop
+        while start < stop:  # past a bad image, go on with the next: the error counts them all
             try:
-                decode_rgb(encoded[i], IMAGE_SIZE, out=scratch)
-            except ValueError as err:
-                failures.append((i, str(err)))
-                continue
-            pixels[i] = scratch.transpose(2, 0, 1)
+                decode_batch(encoded[start:stop], IMAGE_SIZE, out=images[start:stop])
+                break
+            except ImageDecodeError as err:
+                failures.append((start + err.index, err.reason))
+                start += err.index + 1
         bar.update(len(indices))
         return failures
 
@@ -241,17 +216,9 @@ def _decode_all(path: Path, encoded: Sequence[bytes], progress: bool | None) -> 
         index, reason = min(failures)
         more = f" ({len(failures)} images fail)" if len(failures) > 1 else ""
         raise FembError(
-            f"{path}: pair {index // 2} {_SIDES[index % 2]} image (image {index}) cannot be decoded: {reason}{more}"
+            f"{path}: pair {index // 2} {PAIR_COLUMNS[index % 2]} image (image {index}) cannot be decoded: {reason}{more}"
         )
     return images
-
-
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where and in which float type the model computes; ONNX backbones take float32 on the CPU."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
 
 
 def _first_line(err: BaseException) -> str:

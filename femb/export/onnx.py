@@ -1,4 +1,4 @@
-"""Export a face backbone to ONNX (DESIGN.md "ONNX") and prove that onnxruntime computes what PyTorch does.
+"""Export a face backbone to ONNX (docs/architecture.md "ONNX"); prove onnxruntime computes what PyTorch does.
 
 The graph takes `data`, float32 N x 3 x 112 x 112 RGB normalised as `(x/255 - 0.5)/0.5` (kept
 outside the graph), and returns `embedding`, float32 N x D (D = 512 for every standard backbone),

@@ -1,9 +1,11 @@
 """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives weigh more as training matures.
 
-A negative is hard when cos(theta_j) exceeds the margin-adjusted positive logit; its logit becomes
-cos(theta_j) (t + cos(theta_j)), where t is an EMA (momentum 0.01) of the batch's mean positive
-cosine: about 0 early (hard negatives damped: easy samples first), rising as the model learns.
-t is a buffer, updated in training only, outside the graph (HuangYG123/CurricularFace, head/metrics.py).
+A negative is hard when cos(theta_j) > cos(theta_y + m), the margin-adjusted positive cosine taken
+before ArcFace's fallback past theta_y + m >= pi (as the official code: ``mask = cos_theta >
+cos_theta_m`` ahead of ``torch.where(target > th, ...)``); its logit becomes cos(theta_j)(t + cos(theta_j)),
+where t is an EMA (momentum t_alpha) of the batch's mean positive cosine: about 0 early (hard negatives
+damped: easy samples first), rising as the model learns. t is a buffer, updated in training only,
+outside the graph (HuangYG123/CurricularFace, head/metrics.py; TFace, curricularface.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from femb.headers.arcface import arc_margin
-from femb.headers.base import MarginHead, check_positive, check_range
+from femb.headers.base import EPS, MarginHead, check_positive, check_range
 
 
 class CurricularFace(MarginHead):
@@ -41,10 +43,11 @@ class CurricularFace(MarginHead):
         """cos(theta_y + m), monotonic past pi - m (as ArcFace)."""
         return arc_margin(cos_y, self.m)
 
-    def negative_logits(self, cos: Tensor, rows: Tensor, target: Tensor) -> Tensor:
-        """cos(theta_j)(t + cos(theta_j)) where cos(theta_j) > the row's positive logit, else cos(theta_j)."""
+    def negative_logits(self, cos: Tensor, rows: Tensor, cos_y: Tensor) -> Tensor:
+        """cos(theta_j)(t + cos(theta_j)) where cos(theta_j) > cos(theta_y + m), else cos(theta_j)."""
+        cos_theta_m = (cos_y.detach().clamp(-1 + EPS, 1 - EPS).acos() + self.m).cos()  # before the fallback
         hard = torch.zeros_like(cos, dtype=torch.bool)
-        hard[rows] = cos[rows] > target.detach().unsqueeze(1)
+        hard[rows] = cos[rows] > cos_theta_m.unsqueeze(1)
         return torch.where(hard, cos * (self.t + cos), cos)
 
     def extra_repr(self) -> str:

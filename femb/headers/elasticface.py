@@ -38,7 +38,7 @@ class _ElasticMargin(MarginHead):
         m_high_text: str,
     ) -> None:
         if not isinstance(plus, bool):
-            raise FembError(f"header {self.base_label}: plus={plus!r} must be true or false")
+            raise FembError(f"head {self.base_label}: plus={plus!r} must be true or false")
         self.label = f"{self.base_label}-plus" if plus else self.base_label
         super().__init__(embedding_size, num_classes, s)
         self.m = check_range(self.label, "m", m, 0.0, m_high, high_text=m_high_text)
@@ -52,7 +52,7 @@ class _ElasticMargin(MarginHead):
             return torch.full_like(cos_y, self.m)
         device = self.generator.device if self.generator is not None else cos_y.device
         noise = torch.randn(cos_y.shape, generator=self.generator, device=device, dtype=torch.float32)
-        drawn = self.m + self.sigma * noise.to(cos_y.device)
+        drawn = self.m + self.sigma * noise.to(cos_y)  # drawn in float32 whatever the dtype: same stream
         if not self.plus:
             return drawn
         by_closeness = cos_y.detach().argsort(descending=True)

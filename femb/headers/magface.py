@@ -52,21 +52,21 @@ class MagFace(MarginHead):
         self.u_a = check_positive(self.label, "u_a", u_a)
         if self.l_a >= self.u_a:
             raise FembError(
-                f"header {self.label}: l_a={l_a!r} must be below u_a={u_a!r} (the feature-norm range)"
+                f"head {self.label}: l_a={l_a!r} must be below u_a={u_a!r} (the feature-norm range)"
             )
         self.l_m = check_range(self.label, "l_m", l_m, 0.0, math.pi / 2, high_text="pi/2")
         self.u_m = check_range(self.label, "u_m", u_m, 0.0, math.pi / 2, high_text="pi/2")
         if self.l_m >= self.u_m:
-            raise FembError(f"header {self.label}: l_m={l_m!r} must be below u_m={u_m!r} (the margin range)")
+            raise FembError(f"head {self.label}: l_m={l_m!r} must be below u_m={u_m!r} (the margin range)")
         self.lambda_g = check_positive(self.label, "lambda_g", lambda_g)
         bound = min_lambda_g(self.s, self.l_a, self.u_a, self.l_m, self.u_m)
         if self.lambda_g < bound:
             raise FembError(
-                f"header {self.label}: lambda_g={lambda_g!r} is below the MagFace bound "
+                f"head {self.label}: lambda_g={lambda_g!r} is below the MagFace bound "
                 f"s*k*u_a^2*l_a^2/(u_a^2-l_a^2) = {bound:.4g} (k=(u_m-l_m)/(u_a-l_a)); raise lambda_g"
             )
         if not isinstance(easy_margin, bool):
-            raise FembError(f"header {self.label}: easy_margin={easy_margin!r} must be true or false")
+            raise FembError(f"head {self.label}: easy_margin={easy_margin!r} must be true or false")
         self.easy_margin = easy_margin
 
     def margin(self, a: Tensor) -> Tensor:

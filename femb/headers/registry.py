@@ -44,7 +44,7 @@ def list_headers() -> list[str]:
 def _lookup(name: str) -> tuple[type[MarginHead], dict[str, Any]]:
     """The class and variant arguments of a head name, or a FembError listing the valid names."""
     if name not in _HEADERS:
-        raise FembError(f"header {name!r} is not a head; choose one of {', '.join(_HEADERS)}")
+        raise FembError(f"{name!r} is not a head; choose one of {', '.join(_HEADERS)}")
     return _HEADERS[name]
 
 
@@ -67,6 +67,6 @@ def build_header(name: str, embedding_size: int, num_classes: int, **hparams: An
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise FembError(
-            f"header {name}: unknown hyper-parameter {', '.join(unknown)}; it takes {', '.join(allowed[:-1]) or 'none'}"
+            f"head {name}: unknown hyper-parameter {', '.join(unknown)}; it takes {', '.join(allowed[:-1]) or 'none'}"
         )
     return cls(embedding_size, num_classes, **{**variant, **hparams})

@@ -19,6 +19,6 @@ class Softmax(MarginHead):
     def __init__(self, embedding_size: int, num_classes: int) -> None:
         super().__init__(embedding_size, num_classes, 1.0)
 
-    def similarity(self, emb: Tensor, weight: Tensor) -> Tensor:
+    def similarity(self, emb: Tensor, norms: Tensor, weight: Tensor) -> Tensor:
         """Inner products W_j . x, neither side normalised."""
         return emb @ weight.t()

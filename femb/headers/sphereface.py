@@ -55,9 +55,9 @@ class SphereFace(MarginHead):
         self.lambda_min = check_range(self.label, "lambda_min", lambda_min, 0.0, math.inf)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
-    def current_lambda(self) -> Tensor:
-        """lambda_t = max(lambda_min, base (1 + gamma t)^-power) for the steps trained so far."""
-        decayed = self.base * (1.0 + self.gamma * self.iteration.float()) ** (-self.power)
+    def current_lambda(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """lambda_t = max(lambda_min, base (1 + gamma t)^-power) for the steps trained so far, in `dtype`."""
+        decayed = self.base * (1.0 + self.gamma * self.iteration.to(dtype)) ** (-self.power)
         return decayed.clamp(min=self.lambda_min)
 
     def update_state(self, cos_y: Tensor, norms: Tensor) -> None:
@@ -70,7 +70,7 @@ class SphereFace(MarginHead):
             theta = cos_y.clamp(-1 + EPS, 1 - EPS).acos()
             k = (self.m * theta / math.pi).floor().clamp(0, self.m - 1)
         psi = (1 - 2 * (k % 2)) * chebyshev(cos_y, self.m) - 2 * k
-        lam = self.current_lambda()
+        lam = self.current_lambda(cos_y.dtype)
         return (lam * cos_y + psi) / (1 + lam)
 
     def scale(self, norms: Tensor) -> Tensor | float:

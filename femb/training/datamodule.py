@@ -1,4 +1,7 @@
-"""LightningDataModule over the Parquet shards: per-epoch reshuffle, rank split, exact mid-epoch resume."""
+"""LightningDataModule over the Parquet shards: per-epoch reshuffle, rank split, exact mid-epoch resume.
+
+Batches are uint8 (pinned on CUDA); the LightningModule normalises them after the transfer to the device.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from femb.data.loader import make_train_loader, read_num_classes
+from femb.data.loader import DEFAULT_SHUFFLE_BUFFER, make_train_loader, read_num_classes
 from femb.errors import FembError
 
 
@@ -26,7 +29,7 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: int,
         num_workers: int = 2,
         seed: int = 0,
-        shuffle_buffer: int = 8192,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ) -> None:
         super().__init__()
         self.shards_dir = Path(shards_dir)

@@ -3,98 +3,127 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from functools import partial
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from femb.backbones import create_backbone
+from femb.config import ModelParams, OptimParams, PartialFCParams, as_section
+from femb.data.decode import normalize
 from femb.errors import FembError
-from femb.headers import build_header
+from femb.headers import MarginHead, build_header
+from femb.io import atomic_path
+from femb.training.optim import build_optimizer
 from femb.training.partial_fc import PartialFC, shard_range
-from femb.training.schedule import lr_factor
 
-OPTIMIZERS = ("sgd", "adamw")
+Batch = tuple[Tensor, Tensor]
+MATCHING = ("embedding_size", "backbone", "head")  # model keys a checkpoint must share with the run
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model takes its images in: that of its first floating parameter (float32 if none).
+
+    Under a "-true" precision Lightning casts the parameters (64-true: float64, bf16-true: bfloat16,
+    16-true: float16); under "-mixed" and "32-true" they stay float32 and autocast does the rest.
+    """
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def prepare_batch(batch: Batch, dtype: torch.dtype) -> Batch:
+    """Images as the model takes them: uint8 N x 3 x H x W normalised into `dtype`, float images as they come."""
+    images, labels = batch
+    if images.dtype == torch.uint8:
+        images = normalize(images, dtype)
+    return images, labels
 
 
 class FaceRecognitionModule(L.LightningModule):
     """Backbone + margin head, trained with the head's loss on identity labels.
 
-    Defaults follow arcface_torch: SGD, momentum 0.9, weight decay 5e-4 on the backbone and on the
-    class centres alike, linear warmup then polynomial decay, stepped per optimizer step.
+    Built from validated config sections: `model` (backbone, embedding size, head and its
+    hyper-parameters, backbone options), `optim` (optimizer and LR schedule) and `partial_fc`; they
+    are saved as plain dicts in the checkpoint's hyper-parameters, which `load_from_checkpoint` reads
+    back. Defaults follow arcface_torch: SGD, momentum 0.9, weight decay 5e-4 on the backbone and on
+    the class centres alike, linear warmup then polynomial decay, stepped per optimizer step.
+    With partial FC the head is built in `setup`, once, at this rank's shard of the classes.
     """
 
     def __init__(
         self,
         num_classes: int,
-        backbone: str = "iresnet50",
-        header: str = "arcface",
-        embedding_size: int = 512,
-        backbone_kwargs: dict[str, Any] | None = None,
-        header_kwargs: dict[str, Any] | None = None,
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        schedule: str = "poly",
-        warmup_steps: int = 0,
-        poly_power: float = 2.0,
-        milestones: Sequence[int] = (),
-        gamma: float = 0.1,
-        channels_last: bool = False,
-        compile: bool = False,
-        partial_fc: bool = False,
-        sample_rate: float = 1.0,
+        model: ModelParams | Mapping[str, Any],
+        optim: OptimParams | Mapping[str, Any] | None = None,
+        partial_fc: PartialFCParams | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise FembError(
-                f"train.optimizer: '{optimizer}' is not supported; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        if lr <= 0:
-            raise FembError(f"train.lr: must be positive, got {lr}")
-        self.save_hyperparameters()
-        self.backbone = create_backbone(backbone, num_features=embedding_size, **(backbone_kwargs or {}))
-        self.header = build_header(header, embedding_size, num_classes, **(header_kwargs or {}))
+        self.model_params = as_section(ModelParams, model)
+        self.optim = as_section(OptimParams, optim or {})
+        self.partial_fc_params = as_section(PartialFCParams, partial_fc or {})
+        self.num_classes = num_classes
+        self.save_hyperparameters(
+            {
+                "num_classes": num_classes,
+                "model": self.model_params.model_dump(mode="json"),
+                "optim": self.optim.model_dump(mode="json"),
+                "partial_fc": self.partial_fc_params.model_dump(mode="json"),
+            }
+        )
+        m = self.model_params
+        self.backbone = create_backbone(m.backbone, num_features=m.embedding_size, **m.backbone_kwargs())
+        if m.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if m.compile:
+            self.backbone.compile()  # in place: the state dict keeps the official key names
+        self.header: MarginHead | None = None
         self.partial_fc: PartialFC | None = None
+        if not self.partial_fc_params.enabled:
+            self.header = self._build_head(num_classes)
         self._first_bad: Tensor | None = None  # GPU runs: the first step whose loss was not finite
         self._bad_loss: Tensor | None = None
-        if channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if compile:
-            self.backbone.compile()  # in place: the state dict keeps the official key names
 
-    def setup(self, stage: str) -> None:
-        """With partial FC, keep only this rank's shard of the class centres, outside DDP's gradient sync."""
-        hp = self.hparams
-        if not hp.partial_fc or self.partial_fc is not None:
-            return
-        rank, world_size = self.trainer.global_rank, self.trainer.world_size
-        if world_size > 1:
-            start, end = shard_range(hp.num_classes, rank, world_size)
-            self.header = build_header(hp.header, hp.embedding_size, end - start, **(hp.header_kwargs or {}))
-        self.partial_fc = PartialFC(self.header, hp.num_classes, hp.sample_rate, rank, world_size)
+    def _build_head(self, num_classes: int) -> MarginHead:
+        m = self.model_params
+        return build_header(m.head, m.embedding_size, num_classes, **m.head_hparams)
+
+    def build_partial_fc(self, rank: int = 0, world_size: int = 1) -> None:
+        """Build this rank's shard of the head and its partial FC loss, kept outside DDP's gradient sync."""
+        start, end = shard_range(self.num_classes, rank, world_size)
+        self.header = self._build_head(end - start)
+        self.partial_fc = PartialFC(
+            self.header, self.num_classes, self.partial_fc_params.sample_rate, rank, world_size
+        )
         self._ddp_params_and_buffers_to_ignore = [
             f"header.{name}" for name, _ in [*self.header.named_parameters(), *self.header.named_buffers()]
         ]
 
+    def setup(self, stage: str) -> None:
+        """With partial FC, build the head now that the rank and world size are known (before DDP wraps it)."""
+        if self.partial_fc_params.enabled and self.partial_fc is None:
+            self.build_partial_fc(self.trainer.global_rank, self.trainer.world_size)
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Normalise uint8 images on the device, into the dtype the backbone takes; float images pass through."""
+        return prepare_batch(batch, input_dtype(self.backbone))
+
     def forward(self, images: Tensor) -> Tensor:
         """Raw (unnormalised) embeddings of normalised RGB images."""
-        if self.hparams.channels_last:
+        if self.model_params.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        embeddings = self(images)
+    def loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The head's training loss (through partial FC when enabled)."""
         if self.partial_fc is not None:
-            loss = self.partial_fc.loss(embeddings, labels)
-        else:
-            loss = self.header.loss(embeddings, labels)
+            return self.partial_fc.loss(embeddings, labels)
+        return self.header.loss(embeddings, labels)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = self.loss(self(images), labels)
         self._watch_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
@@ -132,7 +161,7 @@ class FaceRecognitionModule(L.LightningModule):
         precision = getattr(self.trainer, "precision", "32-true") if self._trainer is not None else "32-true"
         return (
             f"training diverged: the loss is {loss} at step {step} "
-            f"(lr={self.hparams.lr}, precision={precision}); lower train.lr or add warmup, or use "
+            f"(lr={self.optim.lr}, precision={precision}); lower train.lr or add warmup, or use "
             "precision 32-true / bf16-mixed instead of 16-mixed; the last good checkpoint is kept"
         )
 
@@ -151,25 +180,10 @@ class FaceRecognitionModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), gradient_clip_val)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = self.trainer.estimated_stepping_batches
-        total_steps = int(total) if math.isfinite(total) else 0
-        factor = partial(
-            lr_factor,
-            total_steps=total_steps,
-            warmup_steps=hp.warmup_steps,
-            schedule=hp.schedule,
-            power=hp.poly_power,
-            milestones=tuple(hp.milestones),
-            gamma=hp.gamma,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(params, self.optim, int(total) if math.isfinite(total) else 0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _shard_file(self, step: int) -> Path:
         directory = Path(self.trainer.checkpoint_callback.dirpath or self.trainer.default_root_dir)
@@ -193,10 +207,8 @@ class FaceRecognitionModule(L.LightningModule):
         if self.partial_fc is not None and self.trainer.world_size > 1:
             # Each rank holds different class centres: every rank writes its own shard (PartialFC v2 style).
             path = self._shard_file(self.global_step)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.header.state_dict(), tmp)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                torch.save(self.header.state_dict(), tmp)
             self._prune_shards(path)
             checkpoint["femb_partial_fc"] = {"world_size": self.trainer.world_size, "step": self.global_step}
             for key in [k for k in checkpoint["state_dict"] if k.startswith("header.")]:
@@ -209,12 +221,17 @@ class FaceRecognitionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("num_classes", "embedding_size", "backbone", "header"):
-            if key in saved and saved[key] != self.hparams[key]:
+        model = saved.get("model", {})
+        recorded = {"num_classes": saved.get("num_classes"), **{k: model.get(k) for k in MATCHING}}
+        current = {"num_classes": self.num_classes, **{k: getattr(self.model_params, k) for k in MATCHING}}
+        for key, value in recorded.items():
+            if value is not None and value != current[key]:
                 raise FembError(
-                    f"checkpoint: {key} is {saved[key]!r} in the checkpoint but {self.hparams[key]!r} in this run; "
+                    f"checkpoint: {key} is {value!r} in the checkpoint but {current[key]!r} in this run; "
                     "train from scratch or use data and params that match the checkpoint"
                 )
+        if self.partial_fc_params.enabled and self.partial_fc is None and self._trainer is None:
+            self.build_partial_fc()  # load_from_checkpoint of a one-process run: the whole head
         shards = checkpoint.get("femb_partial_fc")
         if shards is not None:
             if self._trainer is None or shards["world_size"] != self.trainer.world_size:

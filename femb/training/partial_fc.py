@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from femb.errors import FembError
-from femb.headers.base import NO_TARGET, MarginHead
+from femb.headers.base import NO_TARGET, MarginHead, compute_dtype
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -61,7 +60,7 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, distributed: bool) -> Tensor:  # type: ignore[override]
-        logits = logits.float()
+        logits = logits.to(compute_dtype(logits))
         row_max = logits.max(dim=1, keepdim=True).values
         if distributed:
             dist.all_reduce(row_max, dist.ReduceOp.MAX)
@@ -70,7 +69,7 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
             dist.all_reduce(row_sum)
         log_z = row_max + row_sum.log()
         rows = (labels != NO_TARGET).nonzero().squeeze(1)
-        target = torch.zeros(logits.shape[0], device=logits.device)
+        target = logits.new_zeros(logits.shape[0])
         target[rows] = logits[rows, labels[rows]]
         if distributed:
             dist.all_reduce(target)
@@ -88,7 +87,7 @@ class _DistSoftmaxCrossEntropy(torch.autograd.Function):
 class PartialFC:
     """The margin-head loss over a rank's shard of class centres, with sampled negatives.
 
-    `head` holds only this rank's shard: ``build_header(name, D, shard_size(...))``. Call it with the
+    `head` holds only this rank's shard: ``build_header(name, D, end - start)`` for ``shard_range``. Call it with the
     rank's own embeddings and global labels; it gathers the global batch itself. Not an nn.Module:
     the head's parameters stay where they are (kept out of DDP's gradient sync by the caller).
     """
@@ -102,15 +101,15 @@ class PartialFC:
         world_size: int = 1,
     ) -> None:
         if not 0.0 < sample_rate <= 1.0:
-            raise FembError(f"train.partial_fc.sample_rate: must be in (0, 1], got {sample_rate}")
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.head = head
         self.num_classes = num_classes
         self.sample_rate = sample_rate
         self.rank, self.world_size = rank, world_size
         self.class_start, class_end = shard_range(num_classes, rank, world_size)
         if head.weight.shape[0] != class_end - self.class_start:
-            raise FembError(
-                f"partial FC: rank {rank} of {world_size} must hold {class_end - self.class_start} of "
+            raise ValueError(
+                f"rank {rank} of {world_size} must hold {class_end - self.class_start} of "
                 f"{num_classes} class centres, the head holds {head.weight.shape[0]}"
             )
 
@@ -130,13 +129,19 @@ class PartialFC:
         return index, remapped
 
     def loss(self, emb: Tensor, labels: Tensor) -> Tensor:
-        """Distributed cross-entropy of the margin logits plus the head's own term on this rank's rows."""
+        """Distributed cross-entropy of the margin logits plus the head's own term on this rank's rows.
+
+        The feature norms are computed once, on this rank's rows, and gathered with the embeddings;
+        the head's own term (MagFace's regulariser) uses the local norms, outside the gather.
+        """
         distributed = _distributed(self.world_size)
+        norms = self.head.feature_norms(emb)
         all_emb = _AllGather.apply(emb) if distributed else emb
+        all_norms = _AllGather.apply(norms) if distributed else norms
         all_labels = _gather_labels(labels) if distributed else labels
         local = all_labels - self.class_start
         local[(local < 0) | (local >= self.head.weight.shape[0])] = NO_TARGET
         index, remapped = self.sample(local)
         weight = self.head.weight if index.numel() == self.head.weight.shape[0] else self.head.weight[index]
-        logits = self.head(all_emb, remapped, weight=weight)
-        return _DistSoftmaxCrossEntropy.apply(logits, remapped, distributed) + self.head.extra_loss(emb)
+        logits = self.head(all_emb, remapped, weight=weight, norms=all_norms)
+        return _DistSoftmaxCrossEntropy.apply(logits, remapped, distributed) + self.head.regulariser(norms)

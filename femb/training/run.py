@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from femb.config import Params
-from femb.data.shards import SHARD_NAME
+from femb.data.layout import data_fingerprint, pair_set_files
 from femb.errors import FembError
 from femb.io import write_json
 from femb.training.callbacks import BackboneExport, PeriodicVerification, Throughput
@@ -26,11 +26,13 @@ from femb.training.module import FaceRecognitionModule
 # The loader is resumable through the data module's state, which Lightning's check does not see.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+# The module's on_after_batch_transfer (uint8 -> normalised images) is meant for the data module's batches.
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 
 
 def default_val_sets(shards: Path) -> list[Path]:
     """The pair sets `femb convert` wrote next to the shards (every `<name>.parquet` but the shards)."""
-    return sorted(p for p in shards.glob("*.parquet") if not SHARD_NAME.fullmatch(p.name))
+    return pair_set_files(shards)
 
 
 def _fingerprint(params: Params) -> str:
@@ -45,40 +47,13 @@ def _fingerprint(params: Params) -> str:
     for key in ("val_every", "val_sets", "out_dir"):
         relevant["train"].pop(key, None)
     relevant["header_hparams"] = params.header_hparams()
-    manifest = params.data.shards / "manifest.json"
-    relevant["data"] = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
+    relevant["data"] = data_fingerprint(params.data.shards)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def build_module(params: Params, num_classes: int) -> FaceRecognitionModule:
     """The LightningModule of `params` for a dataset of `num_classes` identities."""
-    t = params.train
-    backbone_kwargs: dict[str, Any] = {}
-    if t.dropout:
-        backbone_kwargs["dropout"] = t.dropout
-    if t.gradient_checkpointing:
-        backbone_kwargs["gradient_checkpointing"] = True
-    return FaceRecognitionModule(
-        num_classes=num_classes,
-        backbone=params.backbone,
-        header=params.header,
-        embedding_size=params.embedding_size,
-        backbone_kwargs=backbone_kwargs,
-        header_kwargs=params.header_hparams(),
-        optimizer=t.optimizer,
-        lr=t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        schedule=t.schedule,
-        warmup_steps=t.warmup_steps,
-        poly_power=t.poly_power,
-        milestones=t.milestones,
-        gamma=t.gamma,
-        channels_last=t.channels_last,
-        compile=t.compile,
-        partial_fc=t.partial_fc.enabled,
-        sample_rate=t.partial_fc.sample_rate,
-    )
+    return FaceRecognitionModule(num_classes, params.model_section(), params.train, params.train.partial_fc)
 
 
 def _resume_checkpoint(out_dir: Path, fingerprint: str) -> Path | None:
@@ -105,7 +80,7 @@ def train(
     progress: bool | None = None,
     loggers: Sequence[Logger] | None = None,
 ) -> dict[str, Any]:
-    """Train `params.backbone` with `params.header` on `params.data.shards`; resume if a run was cut short.
+    """Train `params.backbone` with the head `params.header` on `params.data.shards`; resume a cut-short run.
 
     Writes under `train.out_dir`: `checkpoints/last.ckpt` (every `checkpoint_every` steps and at
     the end), `checkpoints/best.ckpt` (by mean verification accuracy), `backbone.pth` (official

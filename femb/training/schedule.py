@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from femb.errors import FembError
-
 SCHEDULES = ("poly", "cosine", "step", "constant")
 
 
@@ -27,9 +25,7 @@ def lr_factor(
     `gamma` at each milestone (counted in optimizer steps from the start).
     """
     if schedule not in SCHEDULES:
-        raise FembError(
-            f"train.schedule: '{schedule}' is not a schedule; choose one of {', '.join(SCHEDULES)}"
-        )
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":

@@ -1,0 +1,103 @@
+"""Run one function over many tasks on threads or processes, results in task order, with one progress bar.
+
+A task function has the signature `fn(task, *args, report=None)` and calls `report_progress(n, report)`
+as it advances by `n` units. On threads `report` updates the bar under a lock; in a worker process it is
+None and the count travels back over a queue that the parent drains into the bar.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+Report = Callable[[int], None]
+_REPORT: Report | None = None  # the progress callback of a worker process
+
+
+def progress_bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    """A tqdm bar counting images: shown when `progress` is True, never when False, on a terminal when None."""
+    return tqdm(total=total, unit="img", desc=desc, disable=None if progress is None else not progress)
+
+
+def report_progress(units: int, report: Report | None = None) -> None:
+    """Advance the bar by `units`: through `report` when given (threads, one worker), else the worker's queue."""
+    if report is not None:
+        report(units)
+    elif _REPORT is not None:
+        _REPORT(units)
+
+
+def _init_worker(progress: mp.Queue) -> None:
+    global _REPORT
+    _REPORT = progress.put
+
+
+def run_tasks(
+    fn: Callable[..., T],
+    tasks: Sequence[Any],
+    workers: int,
+    bar: tqdm,
+    *args: object,
+    processes: bool = False,
+) -> list[T]:
+    """`fn(task, *args, report)` for every task on `workers` threads (or processes); results in task order.
+
+    Threads suit work that releases the GIL (Arrow's encoder, sha256, file writes) and start at once;
+    processes suit pure-Python work such as decoding. Processes come from a forkserver (a plain fork
+    does not survive pyarrow's threads) that preloads `fn`'s module, so each worker skips its imports.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        return [fn(task, *args, bar.update) for task in tasks]
+    workers = min(workers, len(tasks))
+    if not processes:
+        lock = threading.Lock()
+
+        def report(units: int) -> None:
+            with lock:
+                bar.update(units)
+
+        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(fn, task, *args, report) for task in tasks]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, fn.__module__])
+    progress = ctx.Queue()
+    results: list[Any] = [None] * len(tasks)
+    with cf.ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)
+    ) as pool:
+        futures_by = {pool.submit(fn, task, *args): i for i, task in enumerate(tasks)}
+        pending = set(futures_by)
+        try:
+            while pending:
+                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                _drain(progress, bar)
+                for future in done:
+                    results[futures_by[future]] = future.result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            _drain(progress, bar)
+    return results
+
+
+def _drain(progress: mp.Queue, bar: tqdm) -> None:
+    try:
+        while True:
+            bar.update(progress.get_nowait())
+    except queue.Empty:
+        pass
