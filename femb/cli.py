@@ -5,29 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from femb import __version__
-from femb.errors import FembError
-
-
-@contextmanager
-def argument_names(names: Mapping[str, str]) -> Iterator[None]:
-    """Reword a FembError that starts with a library argument's name to name the caller's flag or key instead.
-
-    A library names its own arguments ("shard_size_mb must be positive"); the CLI and the stages say
-    which of their flags or params keys it was ("--shard-size-mb must be positive").
-    """
-    try:
-        yield
-    except FembError as err:
-        message = str(err)
-        for argument, name in names.items():
-            if message.startswith(f"{argument} "):
-                raise FembError(name + message[len(argument) :]) from None
-        raise
+from femb.errors import FembError, argument_names
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from femb.cli import argument_names
 from femb.config import Params
 from femb.data.convert import convert
+from femb.errors import argument_names
 from stages.common import run_stage
 
 

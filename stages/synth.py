@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from femb.cli import argument_names
 from femb.config import Params
 from femb.data.synth import synthesize
+from femb.errors import argument_names
 from stages.common import run_stage
 
 _KEYS = ("identities", "images_per_identity", "pairs", "seed")

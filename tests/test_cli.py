@@ -120,8 +120,7 @@ def test_synth_flag_errors_name_the_flag_not_the_library_argument(tmp_path):
 def test_argument_names_rewords_only_errors_that_start_with_a_known_argument():
     import pytest
 
-    from femb.cli import argument_names
-    from femb.errors import FembError
+    from femb.errors import FembError, argument_names
 
     names = {"workers": "data.workers"}
     reworded = r"^data\.workers must be 0 \(one per core\) or more, got -1$"
