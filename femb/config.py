@@ -1,8 +1,9 @@
-"""The params schema (pydantic): the one source of defaults; params.yaml only overrides.
+"""The params schema (pydantic): the one source of defaults; params.yaml repeats those dvc tracks, unchanged.
 
 Every section refuses unknown keys, and a bad value fails with one line that names its dotted key
-(``params.yaml: train.precision: ...``). Head hyper-parameters default to the heads' own constructor
-defaults (the papers' values), so they are not repeated here.
+(``params.yaml: train.precision: ...``); the library's own checks name the library's arguments. Head
+hyper-parameters default to the heads' own constructor defaults (the papers' values), so they are not
+repeated here. See docs/architecture.md "Training configuration".
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """What the flows share: dvc commands with their output streamed into the Prefect run log, and failures
 sorted into transient (retried with backoff) and permanent (not retried).
 
-The rule (`classify_failure`), first match wins:
+The rule (`classify_failure`): a failure is permanent when, and only when, the process was not killed
+by a signal and its log shows an error that editing a file fixes; everything else is transient.
 
-1. transient: dvc or a stage killed by a signal (the OOM killer: "exited with -9", a preempted node).
-2. permanent: a femb user error, printed as one line by a stage (``stage train: params.yaml: ...``, see
-   stages/common.py) or by the femb CLI (``femb convert: ...``), whatever else the log says (Lightning
-   mentions CUDA on every GPU run); DVC refusing dvc.yaml, params.yaml, a ``-S`` override, its config
-   (no remote) or its command line (parse errors, missing params, unknown stage). Editing a file fixes
-   these; waiting does not.
-3. transient: DVC's workspace lock held by another run, CUDA / NCCL errors, memory exhaustion, network
-   and I/O errors, and anything else (a crash without a user error). Retries are few and bounded, so an
-   unknown failure costs minutes, while giving up on a recoverable one costs the scheduled run. A
-   missing input falls here too: the mount that holds `data.source` may come back.
+- Permanent: a femb user error, printed as one line by a stage (``stage train: params.yaml: ...``, see
+  stages/common.py) or by the femb CLI (``femb convert: ...``), whatever else the log says (Lightning
+  mentions CUDA on every GPU run); DVC refusing dvc.yaml, params.yaml, a ``-S`` override, its config
+  (no remote) or its command line (parse errors, missing params, unknown stage). Waiting fixes none of these.
+- Transient: dvc killed by a signal (a negative exit status: a preempted node), even after a user
+  error line; a stage killed by one (the OOM killer: "exited with -9"); DVC's workspace lock held by
+  another run, CUDA / NCCL errors,
+  memory exhaustion, network and I/O errors, a missing input (the mount that holds `data.source` may
+  come back) and any other crash. Retries are few and bounded, so an unknown failure costs minutes,
+  while giving up on a recoverable one costs the scheduled run.
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ from femb.errors import FembError
 
 FailureKind = Literal["transient", "permanent"]
 
-TRANSIENT_MARKERS = re.compile(
-    r"exited with -\d+|Unable to acquire lock|CUDA error|CUDA out of memory|NCCL error|out of memory|OutOfMemoryError"
-    r"|MemoryError"
-    r"|Connection(?:Error| refused| reset| aborted)|[Tt]imed? ?out|Temporary failure|Network is unreachable"
-    r"|Input/output error|Stale file handle|Resource temporarily unavailable"
-)
 USER_ERROR_LINE = re.compile(r"^(?:stage [\w.-]+|femb(?: [\w-]+)?): \S")
 DVC_CONFIG_ERROR = re.compile(
     r"failed to parse|' is invalid|not found inside|are missing from|Invalid `--set-param`|Could not override"
@@ -82,17 +77,12 @@ class DvcResult:
 
 def classify_failure(returncode: int, stderr: Sequence[str]) -> FailureKind:
     """Transient (worth a retry) or permanent (a config or user error), by the rule in this module's docstring."""
-    user = [line for line in stderr if USER_ERROR_LINE.match(line)]
+    user = any(USER_ERROR_LINE.match(line) for line in stderr)
     text = "\n".join(
         line for line in stderr if not USER_ERROR_LINE.match(line)
     )  # a user error may say "CUDA"
-    if returncode < 0:  # killed by a signal (the OOM killer, a preempted node)
-        return "transient"
-    if user or DVC_CONFIG_ERROR.search(text):  # femb's own one-line errors win over any marker in the log
-        return "permanent"
-    if TRANSIENT_MARKERS.search(text):
-        return "transient"
-    return "transient"
+    permanent = returncode >= 0 and (user or DVC_CONFIG_ERROR.search(text) is not None)
+    return "permanent" if permanent else "transient"
 
 
 def failure_reason(returncode: int, stderr: Sequence[str]) -> str:

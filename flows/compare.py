@@ -121,13 +121,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], failures: dict[str, str]) -> 
         s: sorted({k for row in rows for k in row["sets"].get(s, {}).get("tar_at_far", {})}, key=float)
         for s in set_names
     }
-    header = ["", "head", "experiment"]
+    columns = ["", "head", "experiment"]
     for s in set_names:
-        header += [f"{s} accuracy (%)"] + [f"{s} TAR@FAR={far}" for far in fars[s]]
-    header += ["mean accuracy (%)", "train time"]
+        columns += [f"{s} accuracy (%)"] + [f"{s} TAR@FAR={far}" for far in fars[s]]
+    columns += ["mean accuracy (%)", "train time"]
     lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":-:", ":--", ":--"] + ["--:"] * (len(header) - 3)) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join([":-:", ":--", ":--"] + ["--:"] * (len(columns) - 3)) + "|",
     ]
     below_any = False
     ordered = sorted(
@@ -156,7 +156,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], failures: dict[str, str]) -> 
         cells += ["-" if mean is None else f"{100 * mean:.2f}", format_seconds(row["train_seconds"])]
         lines.append("| " + " | ".join(cells) + " |")
     for head in failures:
-        lines.append("| ✗ | " + " | ".join([head, "failed"] + ["-"] * (len(header) - 3)) + " |")
+        lines.append("| ✗ | " + " | ".join([head, "failed"] + ["-"] * (len(columns) - 3)) + " |")
     notes = []
     if below_any:
         notes.append(

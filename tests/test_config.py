@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from femb.config import load_params, parse_params, set_dotted
+from femb.config import ModelParams, OptimParams, as_section, load_params, parse_params, set_dotted
 from femb.errors import FembError
 from femb.headers import header_defaults, list_headers
 
@@ -147,3 +148,48 @@ def test_committed_params_yaml_is_valid_and_lists_every_head_hyperparameter():
 
 def test_parse_params_of_an_empty_mapping_is_the_defaults():
     assert parse_params({}) == parse_params(None) == load_params(Path("/nonexistent/params.yaml"))
+
+
+def leaves(data: dict, prefix: str = "") -> dict[str, object]:
+    """Every leaf of a nested mapping by its dotted key: {'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# Keys whose committed value deliberately differs from femb/config.py's default (none today).
+OVERRIDES: dict[str, object] = {}
+
+
+def test_committed_params_yaml_repeats_the_config_defaults_exactly():
+    """params.yaml lists the knobs dvc tracks; a value there that is not the code's default would drift."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = leaves(parse_params({}).model_dump(mode="json"))
+    defaults.update(leaves({"headers": {name: header_defaults(name) for name in list_headers()}}))
+    for key, value in leaves(raw).items():
+        assert key in defaults, f"params.yaml: {key} is not a key of femb/config.py"
+        expected = OVERRIDES.get(key, defaults[key])
+        assert value == expected, f"params.yaml: {key} is {value!r}, femb/config.py's default is {expected!r}"
+
+
+def test_model_section_gathers_backbone_head_and_backbone_options(tmp_path):
+    params = load_params(
+        write_params(tmp_path, {"header": "magface", "train": {"dropout": 0.1, "channels_last": True}})
+    )
+    model = params.model_section()
+    assert (model.backbone, model.embedding_size, model.head) == ("iresnet_tiny", 512, "magface")
+    assert model.head_hparams == header_defaults("magface") and model.dropout == 0.1 and model.channels_last
+    assert model.backbone_kwargs() == {"dropout": 0.1}
+
+
+def test_sections_validate_mappings_and_narrow_wider_sections():
+    params = parse_params({"train": {"lr": 0.05, "batch_size": 7}})
+    optim = as_section(OptimParams, params.train)
+    assert type(optim) is OptimParams and optim.lr == 0.05 and "batch_size" not in optim.model_dump()
+    assert as_section(OptimParams, {"lr": 0.2}).lr == 0.2
+    with pytest.raises(ValidationError, match="head_hparams: m=5 is outside"):
+        ModelParams(backbone="r18", embedding_size=8, head="arcface", head_hparams={"m": 5})

@@ -113,7 +113,23 @@ def workspace(tmp_path: Path) -> Path:
     return repo
 
 
-# The failure rule, on lines that dvc and the stages print.
+# The failure rule, on lines that dvc and the stages print: permanent when, and only when, dvc was not
+# killed by a signal and the log shows a femb user error or DVC refusing its definition; else transient.
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "kind"),
+    [
+        (1, ["stage train: params.yaml: train.lr: Input should be greater than 0 (got -1)"], "permanent"),
+        (-15, ["stage train: params.yaml: train.lr: Input should be greater than 0 (got -1)"], "transient"),
+        (1, ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"], "permanent"),
+        (-9, ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"], "transient"),
+        (1, ["something nobody has seen before"], "transient"),
+        (1, [], "transient"),
+    ],
+)
+def test_the_failure_rule_is_one_statement(returncode, stderr, kind):
+    assert classify_failure(returncode, stderr) == kind
 
 
 @pytest.mark.parametrize(

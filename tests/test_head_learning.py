@@ -14,12 +14,12 @@ from femb.weights import load_backbone
 STEPS = 60
 
 
-def _params(shards, out_dir, header: str):
+def _params(shards, out_dir, head: str):
     return parse_params(
         {
             "backbone": "iresnet_tiny",
             "embedding_size": 64,
-            "header": header,
+            "header": head,
             "data": {"shards": str(shards)},
             "train": {
                 "out_dir": str(out_dir),
@@ -47,15 +47,15 @@ def untrained_accuracy(demo_shards, tmp_path_factory) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("header", list_headers())
+@pytest.mark.parametrize("head", list_headers())
 def test_head_trains_the_backbone_to_separate_held_out_identities(
-    header, demo_shards, tmp_path, untrained_accuracy
+    head, demo_shards, tmp_path, untrained_accuracy
 ):
     # Measured on 2 CPU cores after 80 steps: 0.79-0.90 for every head against 0.53 untrained.
-    out = tmp_path / header
-    train(_params(demo_shards, out, header), progress=False)
+    out = tmp_path / head
+    train(_params(demo_shards, out, head), progress=False)
     trained = verify_pair_set(
         load_backbone(out / "backbone.pth"), load_pair_set(demo_shards / "demo.parquet"), progress=False
     )["accuracy"]
-    assert trained >= untrained_accuracy + 0.15, (header, untrained_accuracy, trained)
-    assert trained >= 0.7, (header, trained)
+    assert trained >= untrained_accuracy + 0.15, (head, untrained_accuracy, trained)
+    assert trained >= 0.7, (head, trained)

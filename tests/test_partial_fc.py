@@ -22,8 +22,8 @@ def make_inputs(seed: int, world_size: int):
     return emb, labels, weight
 
 
-def full_reference(header: str, emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
-    head = build_header(header, EMB, CLASSES)
+def full_reference(name: str, emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor):
+    head = build_header(name, EMB, CLASSES)
     head.weight.data.copy_(weight)
     emb = emb.clone().requires_grad_(True)
     loss = head.loss(emb, labels)
@@ -40,11 +40,11 @@ def test_shard_range_splits_every_class_once():
         assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("header", ["arcface", "cosface", "magface"])
-def test_single_process_with_rate_one_equals_full_classifier(header):
+@pytest.mark.parametrize("name", ["arcface", "cosface", "magface"])
+def test_single_process_with_rate_one_equals_full_classifier(name):
     emb, labels, weight = make_inputs(0, 1)
-    ref_loss, ref_emb_grad, ref_weight_grad = full_reference(header, emb, labels, weight)
-    head = build_header(header, EMB, CLASSES)
+    ref_loss, ref_emb_grad, ref_weight_grad = full_reference(name, emb, labels, weight)
+    head = build_header(name, EMB, CLASSES)
     head.weight.data.copy_(weight)
     emb = emb.clone().requires_grad_(True)
     loss = PartialFC(head, CLASSES, sample_rate=1.0).loss(emb, labels)
@@ -90,14 +90,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank: int, world_size: int, port: int, header: str, out_dir: str) -> None:
+def _rank_worker(rank: int, world_size: int, port: int, name: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         emb, labels, weight = make_inputs(0, world_size)
         start, end = shard_range(CLASSES, rank, world_size)
-        head = build_header(header, EMB, end - start)
+        head = build_header(name, EMB, end - start)
         head.weight.data.copy_(weight[start:end])
         local = slice(rank * BATCH, (rank + 1) * BATCH)
         local_emb = emb[local].clone().requires_grad_(True)
@@ -112,19 +112,19 @@ def _rank_worker(rank: int, world_size: int, port: int, header: str, out_dir: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("header", ["arcface", "magface"])
-def test_two_gloo_ranks_equal_the_full_classifier(tmp_path, header):
+@pytest.mark.parametrize("name", ["arcface", "magface"])
+def test_two_gloo_ranks_equal_the_full_classifier(tmp_path, name):
     world_size = 2
-    mp.spawn(_rank_worker, args=(world_size, _free_port(), header, str(tmp_path)), nprocs=world_size)
+    mp.spawn(_rank_worker, args=(world_size, _free_port(), name, str(tmp_path)), nprocs=world_size)
     emb, labels, weight = make_inputs(0, world_size)
     # DDP averages each rank's loss; the reference is one process over the whole global batch.
     # Tolerances allow for float32 sums taken in another order across the two shards.
-    ce_only = full_reference(header, emb, labels, weight)
+    ce_only = full_reference(name, emb, labels, weight)
     for rank in range(world_size):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         start, end = shard_range(CLASSES, rank, world_size)
         local = slice(rank * BATCH, (rank + 1) * BATCH)
-        head = build_header(header, EMB, CLASSES)
+        head = build_header(name, EMB, CLASSES)
         extra_local = head.extra_loss(emb[local])
         extra_global = head.extra_loss(emb)
         # Each rank adds the head's own term for its rows; the cross-entropy part is the global mean.
@@ -133,7 +133,7 @@ def test_two_gloo_ranks_equal_the_full_classifier(tmp_path, header):
         # Gradients are scaled by the world size so that DDP's average over ranks gives the full gradient.
         ref_local = ce_only[1][local]
         ddp_average = got["emb_grad"] / world_size
-        if header == "magface":
+        if name == "magface":
             # the regulariser term is per-rank (DDP averages it); remove it from both sides
             e = emb[local].clone().requires_grad_(True)
             head.extra_loss(e).backward()

@@ -2,7 +2,8 @@
 
 Every margin head (SphereFace, CosFace, ArcFace, MagFace, ElasticFace, CurricularFace, AdaFace) is
 ``s * f(cos theta_y)`` for the true class and ``s * cos theta_j`` (or a re-weighting of it) for the
-others, trained with cross-entropy. This base owns all of that; a head only says what ``f`` is.
+others, trained with cross-entropy. This base owns all of that; a head only says what ``f`` is
+(docs/architecture.md "Heads").
 """
 
 from __future__ import annotations

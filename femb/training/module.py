@@ -50,6 +50,7 @@ class FaceRecognitionModule(L.LightningModule):
     back. Defaults follow arcface_torch: SGD, momentum 0.9, weight decay 5e-4 on the backbone and on
     the class centres alike, linear warmup then polynomial decay, stepped per optimizer step.
     With partial FC the head is built in `setup`, once, at this rank's shard of the classes.
+    What a checkpoint holds: docs/architecture.md "Checkpoints".
     """
 
     def __init__(
@@ -203,6 +204,7 @@ class FaceRecognitionModule(L.LightningModule):
                 path.unlink(missing_ok=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write this rank's partial FC shard beside the checkpoint (multi-rank) and the RNG state into it."""
         self.check_diverged()  # never write the weights of a diverged run
         if self.partial_fc is not None and self.trainer.world_size > 1:
             # Each rank holds different class centres: every rank writes its own shard (PartialFC v2 style).
@@ -220,6 +222,7 @@ class FaceRecognitionModule(L.LightningModule):
         checkpoint["femb_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another run's checkpoint; put this rank's partial FC shard back; restore the RNG."""
         saved = checkpoint.get("hyper_parameters", {})
         model = saved.get("model", {})
         recorded = {"num_classes": saved.get("num_classes"), **{k: model.get(k) for k in MATCHING}}
@@ -230,9 +233,9 @@ class FaceRecognitionModule(L.LightningModule):
                     f"checkpoint: {key} is {value!r} in the checkpoint but {current[key]!r} in this run; "
                     "train from scratch or use data and params that match the checkpoint"
                 )
-        if self.partial_fc_params.enabled and self.partial_fc is None and self._trainer is None:
-            self.build_partial_fc()  # load_from_checkpoint of a one-process run: the whole head
         shards = checkpoint.get("femb_partial_fc")
+        if shards is None and self.partial_fc_params.enabled and self.partial_fc is None:
+            self.build_partial_fc()  # load_from_checkpoint of a one-process run: the whole head
         if shards is not None:
             if self._trainer is None or shards["world_size"] != self.trainer.world_size:
                 raise FembError(
