@@ -250,7 +250,7 @@ def main() -> None:
         )
         convert(work / "demo-src", work / "demo", workers=1, progress=False)
         sets = {"demo": work / "demo"}
-        notes = {"demo": "femb synth faces as rendered (quality of femb synth)"}
+        notes = {"demo": "femb synth faces as rendered"}
         wanted = args.sets.split(",")
         if "textured" in wanted:
             images, sigma = textured(read_rows(work / "demo")[0], args.textured_bytes)

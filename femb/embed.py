@@ -36,6 +36,13 @@ from femb.weights import OnnxBackbone, load_backbone
 _MAX_READ_THREADS = 4
 
 
+def check_batch_size(batch_size: int) -> int:
+    """`batch_size` if it is a positive integer, else a FembError that names it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FembError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    return batch_size
+
+
 def embed_batches(
     model: nn.Module,
     images: Tensor | Iterable[Tensor],
@@ -52,8 +59,7 @@ def embed_batches(
     come. The model runs in eval mode under `torch.inference_mode` (its mode is restored after), on the
     device and in the dtype of its parameters; pixels are normalised there, in float32 then cast.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FembError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     if isinstance(images, Tensor):
         total = len(images)
         images = images.split(batch_size)
@@ -90,7 +96,7 @@ def embed_pixels(
     desc: str = "embed",
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Embeddings [N, D] float32 of uint8 images (see `embed_batches`): plus their mirrors' with `flip`, L2-normalised with `normalize`."""
+    """Embeddings [N, D] float32 of uint8 images (`embed_batches`), flip-summed with `flip`, unit rows with `normalize`."""
     emb, emb_flip = embed_batches(
         model, images, batch_size, mirrored=flip, total=total, desc=desc, progress=progress
     )
@@ -126,8 +132,7 @@ def embed_images(
 ) -> np.ndarray:
     """Embeddings [N, D] float32 of the image files, in order, computed in eval mode without gradients."""
     paths = [Path(p) for p in paths]
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FembError(f"batch_size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     if not paths:
         raise FembError("no images to embed")
     pool = ThreadPoolExecutor(max_workers=min(_MAX_READ_THREADS, os.cpu_count() or 1))

@@ -134,7 +134,7 @@ def test_training_mode_is_restored_and_running_stats_untouched(model, tmp_path):
 def test_bad_arguments_are_user_errors(model, tmp_path):
     with pytest.raises(FembError, match="no images to embed"):
         embed_images(model, [])
-    with pytest.raises(FembError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(FembError, match="batch_size: expected a positive integer, got 0"):
         embed_images(model, [tmp_path / "a.png"], batch_size=0)
 
 

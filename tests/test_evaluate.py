@@ -300,22 +300,19 @@ def test_issame_length_mismatch_is_refused(tmp_path):
     assert_one_line_error(excinfo, str(path), "4 pairs", "issame has 3")
 
 
-def test_undecodable_bin_image_names_the_pair_and_side(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "index", "where"),
+    [("broken.bin", 5, "pair 2 right image"), ("broken.parquet", 6, "pair 3 left image")],
+)
+def test_undecodable_image_names_the_pair_and_side(tmp_path, name, index, where):
     images, same = pair_images(6)
-    images[5] = b"\xff\xd8 this is not a jpeg"
-    path = write_raw_bin(tmp_path / "broken.bin", images, same)
+    images[index] = images[index][: len(images[index]) // 3]  # a truncated JPEG
+    images[index + 2] = b"\xff\xd8 this is not a jpeg"  # a second bad image: the first is named, both counted
+    writer = write_raw_bin if name.endswith(".bin") else write_pair_parquet
+    path = writer(tmp_path / name, images, same)
     with pytest.raises(FembError) as excinfo:
         load_pair_set(path, cache=False)
-    assert_one_line_error(excinfo, str(path), "pair 2 right image")
-
-
-def test_undecodable_parquet_image_names_the_pair_and_side(tmp_path):
-    images, same = pair_images(6)
-    images[6] = images[6][: len(images[6]) // 3]  # truncated JPEG: the left image of pair 3
-    path = write_pair_parquet(tmp_path / "broken.parquet", images, same)
-    with pytest.raises(FembError) as excinfo:
-        load_pair_set(path, cache=False)
-    assert_one_line_error(excinfo, str(path), "pair 3 left image")
+    assert_one_line_error(excinfo, str(path), where, "(2 images fail)")
 
 
 def test_image_of_the_wrong_size_is_refused(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice, repeat
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +309,7 @@ class ShardStream(IterableDataset):
                 keys = table.column("key").to_numpy().tolist()
                 labels = table.column("label").to_numpy().tolist()
                 images = table.column("image").to_pylist()
-                yield [(k, y, image, unit.shard) for k, y, image in zip(keys, labels, images)]
+                yield list(zip(keys, labels, images, repeat(unit.shard)))
         finally:
             for reader in readers.values():
                 reader.close()
@@ -334,16 +335,16 @@ class ShardStream(IterableDataset):
 
     def _batch(self, rows: list[tuple[int, int, bytes, int]], rng: np.random.Generator) -> tuple:
         flip = rng.random(len(rows)) < 0.5 if self.flip else None
+        keys, labels, encoded, shards = zip(*rows)
         # In a worker, decode straight into shared memory: the queue would otherwise copy the batch there.
         out = image_batch(len(rows), self.image_size, shared=get_worker_info() is not None)
         try:
-            images = decode_batch([row[2] for row in rows], self.image_size, flip, out)
+            images = decode_batch(encoded, self.image_size, flip, out)
         except ImageDecodeError as exc:
-            key, shard = rows[exc.index][0], rows[exc.index][3]
-            raise ShardError(f"{self.files[shard]}: key {key}: {exc.reason}") from exc
-        labels = torch.tensor([row[1] for row in rows], dtype=torch.int64)
+            raise ShardError(f"{self.files[shards[exc.index]]}: key {keys[exc.index]}: {exc.reason}") from exc
+        labels = torch.tensor(labels, dtype=torch.int64)
         if self.return_keys:
-            return images, labels, torch.tensor([row[0] for row in rows], dtype=torch.int64)
+            return images, labels, torch.tensor(keys, dtype=torch.int64)
         return images, labels
 
     def __iter__(self) -> Iterator[tuple]:
@@ -355,18 +356,14 @@ class ShardStream(IterableDataset):
         slices = self.worker_slices(epoch, worker, num_workers)
         rng = np.random.default_rng([_ROW_STREAM, self.seed, epoch, self.rank, worker])
         skip = self.worker_skip(epoch, worker, num_workers)
-        batch: list[tuple[int, int, bytes, int]] = []
-        for row in self._shuffled(slices, rng):
-            batch.append(row)
-            if len(batch) < self.batch_size:
-                continue
+        rows = self._shuffled(slices, rng)
+        while len(batch := list(islice(rows, self.batch_size))) == self.batch_size:
             if skip > 0:
                 skip -= 1
                 if self.flip:
                     rng.random(len(batch))  # the flips this batch would have drawn
             else:
                 yield self._batch(batch, rng)
-            batch = []
 
 
 class ShardLoader(DataLoader):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from femb.device import resolve_device
+from femb.embed import check_batch_size
 from femb.errors import FembError
 from femb.evaluation.pairsets import load_pair_set, verify_pair_set
 from femb.evaluation.plots import plot_roc_curves, write_roc_csv
@@ -55,8 +56,7 @@ def run_evaluate(
         if path.stem == MEAN_ACCURACY_KEY:
             raise FembError(f"{path}: the set name '{MEAN_ACCURACY_KEY}' is reserved for the summary")
         names[path.stem] = path
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise FembError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     if output.suffix.lower() != ".json":
         raise FembError(f"{output}: the metrics file must end in .json")
 
