@@ -16,6 +16,7 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from femb.errors import FembError
-from femb.io import temp_path, write_text
+from femb.io import atomic_path, write_text
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -263,14 +264,20 @@ def record_image(reader: RecordReader, offset: int) -> bytes:
     return bytes(unpack(payload)[1])
 
 
+class _Aborted(Exception):
+    """Handed to the writer's atomic paths when it is aborted, so that they drop their temporaries."""
+
+
 class RecordWriter:
     """Write a .rec/.idx pair mxnet can read (dmlc framing), under `femb.io` temporary names renamed on close."""
 
     def __init__(self, rec_path: str | os.PathLike[str], idx_path: str | os.PathLike[str]):
         self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
-        self._rec_tmp, self._idx_tmp = temp_path(self.rec_path), temp_path(self.idx_path)
-        self._rec = open(self._rec_tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
-        self._idx = open(self._idx_tmp, "w", encoding="ascii")  # noqa: SIM115
+        self._outputs = ExitStack()  # the two femb.io atomic paths: renamed on close, removed on abort
+        rec_tmp = self._outputs.enter_context(atomic_path(self.rec_path, sync=False))
+        idx_tmp = self._outputs.enter_context(atomic_path(self.idx_path, sync=False))
+        self._rec = open(rec_tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
+        self._idx = open(idx_tmp, "w", encoding="ascii")  # noqa: SIM115
         self._pos = 0
 
     def write(self, key: int, payload: bytes | memoryview) -> None:
@@ -290,15 +297,14 @@ class RecordWriter:
             return
         self._rec.close()
         self._idx.close()
-        os.replace(self._rec_tmp, self.rec_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        self._outputs.close()
 
     def abort(self) -> None:
         """Drop what was written: remove both temporary files."""
         self._rec.close()
         self._idx.close()
-        for tmp in (self._rec_tmp, self._idx_tmp):
-            tmp.unlink(missing_ok=True)
+        aborted = _Aborted()
+        self._outputs.__exit__(_Aborted, aborted, None)  # the atomic paths see a failure: nothing is renamed
 
     def __enter__(self) -> RecordWriter:
         return self
