@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -11,17 +12,23 @@ class FembError(Exception):
 
 
 @contextmanager
-def argument_names(names: Mapping[str, str]) -> Iterator[None]:
-    """Reword a FembError that starts with a library argument's name to name the caller's flag or key instead.
+def argument_names(names: Mapping[str, str], anywhere: bool = False) -> Iterator[None]:
+    """Reword a FembError that names a library argument so that it names the caller's flag or key instead.
 
     A library names its own arguments ("shard_size_mb must be positive"); the CLI and the stages say
-    which of their flags or params keys it was ("--shard-size-mb must be positive").
+    which of their flags or params keys it was ("--shard-size-mb must be positive"). By default only a
+    message that starts with the argument is reworded; with `anywhere`, every whole-word mention is.
     """
     try:
         yield
     except FembError as err:
         message = str(err)
         for argument, name in names.items():
-            if message.startswith(f"{argument} "):
-                raise FembError(name + message[len(argument) :]) from None
-        raise
+            if anywhere:
+                message = re.sub(rf"(?<![\w.-]){re.escape(argument)}(?![\w-])", name, message)
+            elif message.startswith(f"{argument} "):
+                message = name + message[len(argument) :]
+                break
+        if message == str(err):
+            raise
+        raise FembError(message) from None

@@ -128,3 +128,15 @@ def test_argument_names_rewords_only_errors_that_start_with_a_known_argument():
         raise FembError("workers must be 0 (one per core) or more, got -1")
     with pytest.raises(FembError, match="^src: no such directory$"), argument_names(names):
         raise FembError("src: no such directory")
+
+
+def test_argument_names_anywhere_rewords_every_whole_word_mention():
+    import pytest
+
+    from femb.errors import FembError, argument_names
+
+    names = {"lr": "train.lr", "num_workers": "train.num_workers"}
+    message = "diverged (lr=0.1); lower lr, keep num_workers; train.lr_scale and clr stay"
+    expected = r"^diverged \(train\.lr=0\.1\); lower train\.lr, keep train\.num_workers; train\.lr_scale and clr stay$"
+    with pytest.raises(FembError, match=expected), argument_names(names, anywhere=True):
+        raise FembError(message)

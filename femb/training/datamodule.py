@@ -66,7 +66,7 @@ class ShardDataModule(L.LightningDataModule):
         if saved != layout:
             raise FembError(
                 f"checkpoint: its data order was made with {saved}, this run has {layout}; "
-                "resume with the same devices x nodes and train.num_workers"
+                "resume with the same world size (devices x nodes) and num_workers"
             )
         if resume["batches_done"] >= len(loader):  # saved at an epoch's last batch: the next epoch is whole
             loader.dataset.set_epoch(resume["epoch"] + 1)

@@ -162,7 +162,7 @@ class FaceRecognitionModule(L.LightningModule):
         precision = getattr(self.trainer, "precision", "32-true") if self._trainer is not None else "32-true"
         return (
             f"training diverged: the loss is {loss} at step {step} "
-            f"(lr={self.optim.lr}, precision={precision}); lower train.lr or add warmup, or use "
+            f"(lr={self.optim.lr}, precision={precision}); lower lr or add warmup_steps, or use "
             "precision 32-true / bf16-mixed instead of 16-mixed; the last good checkpoint is kept"
         )
 

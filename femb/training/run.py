@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from femb.config import Params
 from femb.data.layout import data_fingerprint, pair_set_files
-from femb.errors import FembError
+from femb.errors import FembError, argument_names
 from femb.io import write_json
 from femb.training.callbacks import BackboneExport, PeriodicVerification, Throughput
 from femb.training.datamodule import ShardDataModule
@@ -28,6 +28,9 @@ warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that end
 warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
 # The module's on_after_batch_transfer (uint8 -> normalised images) is meant for the data module's batches.
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+
+# The library arguments that training errors name, and the params keys they come from.
+_TRAIN_KEYS = {name: f"train.{name}" for name in ("lr", "warmup_steps", "num_workers")}
 
 
 def default_val_sets(shards: Path) -> list[Path]:
@@ -150,7 +153,8 @@ def train(
         benchmark=True,  # fixed 112x112 inputs: let cuDNN pick the fastest kernels (no effect on CPU)
     )
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    with argument_names(_TRAIN_KEYS, anywhere=True):  # the module speaks of its arguments, the user set keys
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
     trainer.save_checkpoint(checkpoints / "last.ckpt")  # the end state, whatever step the last save was at
     summary = {
         "steps": trainer.global_step,
