@@ -77,13 +77,26 @@ class SynthParams(Section):
 
 
 class DataParams(Section):
-    """Where the InsightFace source lives and where its Parquet shards go."""
+    """Where the source dataset lives, how `femb convert` reads it, and where its Parquet shards go.
+
+    `source` is an InsightFace directory, an image folder (`<identity>/.../<image>`) or an image list
+    (`path label` lines, under `root`); `source_kind` says which when detection should not decide.
+    `landmarks` aligns every image with its five points (docs/architecture.md "Image sources").
+    """
 
     source: Path = Path("data/demo")
     shards: Path = Path("data/shards")
     synth: SynthParams = SynthParams()
     shard_size_mb: float = Field(256.0, gt=0)
     workers: int = Field(0, ge=0)
+    source_kind: Literal["auto", "insightface", "folder", "list"] = "auto"
+    root: Path | None = None
+    landmarks: Path | None = None
+    pairs: list[Path] = []
+    image_size: int = Field(112, ge=16)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    lossless: bool = False
+    skip_bad: bool = False
 
 
 class PartialFCParams(Section):
