@@ -28,22 +28,68 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+_CONVERT_FLAGS = {
+    "shard_size_mb": "--shard-size-mb",
+    "workers": "--workers",
+    "source_kind": "--source-kind",
+    "root": "--root",
+    "landmarks": "--landmarks",
+    "image_size": "--image-size",
+    "jpeg_quality": "--jpeg-quality",
+}
+
+
+def _image_options(args: argparse.Namespace) -> dict:
+    """The options every command that reads loose image files shares."""
+    return {
+        "root": Path(args.root) if args.root else None,
+        "landmarks": Path(args.landmarks) if args.landmarks else None,
+        "image_size": args.image_size,
+        "jpeg_quality": args.jpeg_quality,
+        "lossless": args.lossless,
+    }
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from femb.data.convert import convert
 
-    with argument_names({"shard_size_mb": "--shard-size-mb", "workers": "--workers"}):
+    with argument_names(_CONVERT_FLAGS, anywhere=True):
         manifest = convert(
             Path(args.src),
             Path(args.out),
             shard_size_mb=args.shard_size_mb,
             workers=args.workers,
             verify=args.verify,
+            source_kind=args.source_kind,
+            pairs=[Path(p) for p in args.pairs],
+            skip_bad=args.skip_bad,
+            **_image_options(args),
         )
     shards = manifest["shards"]
+    skipped = len(manifest.get("skipped", []))
     print(
         f"femb convert: {manifest['num_images']} images of {manifest['num_classes']} identities "
         f"in {len(shards)} shard(s), {len(manifest.get('pairs', {}))} pair set(s) -> {args.out}"
+        + (f" ({skipped} image(s) skipped, listed in the manifest)" if skipped else "")
     )
+
+
+def _cmd_pairs(args: argparse.Namespace) -> None:
+    from femb.data.pairs import convert_pairs
+
+    with argument_names(_CONVERT_FLAGS, anywhere=True):
+        summary = convert_pairs(
+            Path(args.pairs), Path(args.output), workers=args.workers, **_image_options(args)
+        )
+    print(json.dumps(summary))
+
+
+def _cmd_pack(args: argparse.Namespace) -> None:
+    from femb.data.pack import pack
+
+    with argument_names({"seed": "--seed"}):
+        summary = pack(Path(args.shards), Path(args.out), shuffle=args.shuffle, seed=args.seed)
+    print(json.dumps(summary))
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -116,6 +162,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))}))
 
 
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=None, help="directory the paths of an image or pair list are under")
+    p.add_argument(
+        "--landmarks",
+        default=None,
+        help="five landmarks per image (`name x1 y1 ... x5 y5 [score]` lines or a CSV); aligns every image",
+    )
+    p.add_argument("--image-size", type=int, default=112, help="side of the aligned crops (default 112)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded images (default 95)")
+    p.add_argument("--lossless", action="store_true", help="re-encode as PNG instead of JPEG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="femb", description=__doc__)
@@ -130,13 +188,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("convert", help="InsightFace RecordIO + .bin -> Parquet shards")
-    p.add_argument("src", help="directory with train.rec, train.idx, property and *.bin")
+    p = sub.add_parser(
+        "convert", help="InsightFace RecordIO, an image folder or an image list -> Parquet shards"
+    )
+    p.add_argument(
+        "src",
+        help="InsightFace directory (train.rec/.idx/property, *.bin), image folder (<identity>/<image>) "
+        "or image list (`path label` lines)",
+    )
     p.add_argument("out", help="output directory for the shards, pair files and manifest.json")
+    p.add_argument(
+        "--source-kind",
+        choices=("auto", "insightface", "folder", "list"),
+        default="auto",
+        help="what SRC is (default: detected)",
+    )
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (default 256)")
     p.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core)")
     p.add_argument("--verify", action="store_true", help="decode every image and report corrupt ones")
+    _add_image_options(p)
+    p.add_argument(
+        "--pairs",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a verification pair list (LFW pairs.txt, or left,right,is_same CSV) to add as a pair set; repeatable",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable or mislabelled images (listed in the manifest)",
+    )
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("pairs", help="a verification pair list (LFW pairs.txt or CSV) -> a pair .parquet")
+    p.add_argument("pairs", help="LFW pairs.txt (folds x pairs header) or a left,right,is_same CSV")
+    p.add_argument("output", help="output pair .parquet, as femb evaluate takes")
+    p.add_argument("--workers", type=int, default=0, help="parallel processes (default: one per core)")
+    _add_image_options(p)
+    p.set_defaults(func=_cmd_pairs)
+
+    p = sub.add_parser(
+        "pack", help="Parquet shards -> InsightFace train.rec/.idx/property and .bin pair sets"
+    )
+    p.add_argument("shards", help="a shard directory written by femb convert")
+    p.add_argument("out", help="output directory (train.rec, train.idx, property, <set>.bin)")
+    p.add_argument("--shuffle", action="store_true", help="write the images in a seeded random order (DALI)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
+    p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("embed", help="embed aligned 112x112 face crops into an N x D .npy")
     p.add_argument(
