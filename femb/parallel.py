@@ -7,11 +7,13 @@ None and the count travels back over a queue that the parent drains into the bar
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
+import itertools
 import multiprocessing as mp
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from tqdm import tqdm
@@ -71,28 +73,55 @@ def run_tasks(
                 for future in futures:
                     future.cancel()
                 raise
+    return list(imap_tasks(fn, tasks, workers, bar, *args, window=len(tasks)))
+
+
+def imap_tasks(
+    fn: Callable[..., T],
+    tasks: Sequence[Any],
+    workers: int,
+    bar: tqdm,
+    *args: object,
+    window: int | None = None,
+) -> Iterator[T]:
+    """`fn(task, *args)` on `workers` processes, results yielded in task order as soon as each is ready.
+
+    At most `window` tasks (default 4 per worker) are in flight, so a long stream of tasks whose results
+    are large (prepared images) holds only a window of them in memory. Processes come from a forkserver
+    (a plain fork does not survive pyarrow's threads) that preloads `fn`'s module.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield fn(task, *args, bar.update)
+        return
+    workers = min(workers, len(tasks))
+    window = max(1, window or 4 * workers)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__, fn.__module__])
     progress = ctx.Queue()
-    results: list[Any] = [None] * len(tasks)
     with cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)
     ) as pool:
-        futures_by = {pool.submit(fn, task, *args): i for i, task in enumerate(tasks)}
-        pending = set(futures_by)
+        pending: collections.deque[cf.Future] = collections.deque()
+        queued = iter(tasks)
         try:
+            for task in itertools.islice(queued, window):
+                pending.append(pool.submit(fn, task, *args))
             while pending:
-                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                while not pending[0].done():
+                    cf.wait([pending[0]], timeout=0.2)
+                    _drain(progress, bar)
                 _drain(progress, bar)
-                for future in done:
-                    results[futures_by[future]] = future.result()
+                result = pending.popleft().result()
+                for task in itertools.islice(queued, 1):
+                    pending.append(pool.submit(fn, task, *args))
+                yield result
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
         finally:
             _drain(progress, bar)
-    return results
 
 
 def _drain(progress: mp.Queue, bar: tqdm) -> None:

@@ -24,16 +24,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from femb.data import layout
 from femb.data.binfile import read_bin
+from femb.data.image_shards import (
+    IDENTITIES,
+    image_fingerprint,
+    is_finished,
+    plan_image_shards,
+    warn_skipped,
+    write_identities,
+    write_image_shards,
+)
+from femb.data.images import ImageOptions, read_image_list, scan_folder
+from femb.data.landmarks import read_landmarks
 from femb.data.parquet import (
-    ROW_GROUP_MAX_BYTES,
     ROW_GROUP_ROWS,
     PairTask,
     ShardTask,
     read_footer,
+    row_group_bounds,
+    split_by_bytes,
     write_pairs,
     write_shard,
 )
@@ -61,34 +71,17 @@ def _sample_digest(path: Path) -> dict[str, Any]:
     return {"size": size, "sample_sha256": h.hexdigest()}
 
 
-def source_fingerprint(src: Path, bins: Sequence[Path]) -> str:
-    """sha256 of property, train.idx, and size + first/last MiB of train.rec and each .bin (see module doc)."""
-    parts = {
+def source_fingerprint(src: Path, bins: Sequence[Path], pair_lists: Sequence[Path] = ()) -> str:
+    """sha256 of property, train.idx, size + first/last MiB of train.rec and each .bin, and any pair list."""
+    parts: dict[str, Any] = {
         "property": (src / "property").read_text(encoding="ascii", errors="replace").strip(),
         "train.idx": hashlib.sha256((src / "train.idx").read_bytes()).hexdigest(),
         "train.rec": _sample_digest(src / "train.rec"),
         "bins": {path.name: _sample_digest(path) for path in bins},
     }
+    if pair_lists:  # only then: fingerprints of plain conversions stay what they were
+        parts["pair_lists"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pair_lists}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def _split_by_bytes(lengths: np.ndarray, parts: int) -> np.ndarray:
-    """Boundaries [0, ..., n] cutting rows into `parts` runs of about equal byte size."""
-    cumulative = np.cumsum(lengths)
-    targets = cumulative[-1] * np.arange(1, parts) / parts
-    inner = np.searchsorted(cumulative, targets, side="left") + 1
-    return np.unique(np.concatenate([[0], inner, [lengths.size]]))
-
-
-def _row_groups(lengths: np.ndarray, max_rows: int) -> list[int]:
-    """Boundaries of row groups of at most `max_rows` rows and ROW_GROUP_MAX_BYTES image bytes."""
-    bounds, start, n = [0], 0, lengths.size
-    cumulative = np.concatenate([[0], np.cumsum(lengths)])
-    while start < n:
-        by_bytes = int(np.searchsorted(cumulative, cumulative[start] + ROW_GROUP_MAX_BYTES, side="right")) - 1
-        start = min(n, start + max_rows, max(by_bytes, start + 1))
-        bounds.append(start)
-    return bounds
 
 
 def _plan_shards(
@@ -102,7 +95,7 @@ def _plan_shards(
     """Train shards of about `shard_bytes` each, in key order, with their footer entries."""
     total = int(spans.lengths.sum()) + _ROW_OVERHEAD * spans.keys.size
     count = max(1, min(spans.keys.size, math.ceil(total / shard_bytes)))
-    bounds = _split_by_bytes(spans.lengths + _ROW_OVERHEAD, count)
+    bounds = split_by_bytes(spans.lengths + _ROW_OVERHEAD, count)
     count = bounds.size - 1
     tasks = []
     for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -117,7 +110,7 @@ def _plan_shards(
             "last_key": int(part.keys[-1]),
             "row_group_rows": rg_rows,
         }
-        groups = _row_groups(part.lengths, rg_rows)
+        groups = row_group_bounds(part.lengths, rg_rows)
         tasks.append(ShardTask(str(records.rec_path), str(out), name, part, groups, meta))
     return tasks
 
@@ -146,8 +139,8 @@ def _plan_pairs(bins: Sequence[Path], out: Path, fingerprint: str) -> list[PairT
 
 
 def _is_ours(name: str) -> bool:
-    """Whether `name` is one convert writes: the manifest or a Parquet file."""
-    return name == layout.MANIFEST or name.endswith(".parquet")
+    """Whether `name` is one convert writes: the manifest, the identity names or a Parquet file."""
+    return name in (layout.MANIFEST, IDENTITIES) or name.endswith(".parquet")
 
 
 def _inspect_out(out: Path, fingerprint: str) -> tuple[dict | None, dict[str, dict], list[str]]:
@@ -174,7 +167,7 @@ def _inspect_out(out: Path, fingerprint: str) -> tuple[dict | None, dict[str, di
         if entry.is_file() and target is not None and _is_ours(target):
             temps.append(target)
             continue
-        if entry.is_file() and entry.name == layout.MANIFEST:
+        if entry.is_file() and entry.name in (layout.MANIFEST, IDENTITIES):
             continue
         meta = read_footer(entry) if entry.is_file() and entry.suffix == ".parquet" else None
         if meta is None or meta.get("format") != layout.FORMAT:
@@ -210,6 +203,56 @@ def _file_sha256(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- convert
 
 
+SOURCE_KINDS = ("auto", "insightface", "folder", "list")
+_INSIGHTFACE_FILES = ("train.rec", "train.idx", "property")
+
+
+def detect_source_kind(src: Path, source_kind: str = "auto") -> str:
+    """What SRC is: "insightface" (train.rec/.idx/property), "folder" (one folder per identity) or "list" (a file)."""
+    if source_kind not in SOURCE_KINDS:
+        raise FembError(f"source_kind must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    if source_kind == "auto":
+        if src.is_file():
+            return "list"
+        if src.is_dir():
+            return "insightface" if any((src / n).exists() for n in _INSIGHTFACE_FILES) else "folder"
+    elif source_kind == "list":
+        if src.is_file():
+            return source_kind
+        raise FembError(f"{src}: no such image list file")
+    elif src.is_dir():
+        return source_kind
+    raise FembError(
+        f"{src}: no such directory (expected train.rec, train.idx, property and *.bin, one folder of images "
+        "per identity, or an image list file)"
+    )
+
+
+def _reused(task: Any, finished: dict[str, dict]) -> bool:
+    return finished.get(task.file) == task.meta
+
+
+def _write_pair_lists(
+    tasks: Sequence[Any], finished: dict[str, dict], out: Path, workers: int, bar: Any
+) -> dict:
+    """Write the pair sets of pair lists not already finished; every pair list's manifest entry by file."""
+    results: dict[str, dict] = {}
+    for task in tasks:
+        if _reused(task, finished):
+            results[task.file] = {**_file_sha256(out / task.file), "pairs": task.meta["pairs"]}
+        else:
+            from femb.data.pairs import write_pair_list
+
+            results[task.file] = write_pair_list(task, workers, bar)
+    return results
+
+
+def _remove_other_plans(out: Path, finished: dict[str, dict], files: set[str]) -> None:
+    """Remove our files of the same source but another plan (e.g. another shard size)."""
+    for name in set(finished) - files:
+        (out / name).unlink(missing_ok=True)
+
+
 def convert(
     src: Path,
     out: Path,
@@ -218,13 +261,27 @@ def convert(
     verify: bool = False,
     progress: bool | None = None,
     row_group_rows: int = ROW_GROUP_ROWS,
+    *,
+    source_kind: str = "auto",
+    root: Path | None = None,
+    landmarks: Path | None = None,
+    pairs: Sequence[Path] = (),
+    image_size: int = 112,
+    jpeg_quality: int = 95,
+    lossless: bool = False,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Convert SRC (train.rec/.idx/property, *.bin) to Parquet shards + pair files + manifest in OUT; the manifest.
+    """Convert SRC to Parquet shards + pair files + manifest in OUT; the manifest.
 
-    `shard_size_mb` is the target shard size in MiB; `workers` the shards written at once (threads)
-    or verified at once (processes), 0 for one per core; `verify` decodes every image before
-    writing; `progress` shows a tqdm bar in images (None: only on a terminal); `row_group_rows`
-    caps a Parquet row group (the loader's shuffle unit).
+    SRC is an InsightFace directory (train.rec/.idx/property, *.bin: bytes copied unchanged), an image
+    folder or an image list (`femb.data.images`, `root` the list's base; `landmarks` aligns every
+    photo); `source_kind` says which instead of detecting it. `pairs` are verification pair lists
+    (`femb.data.pairs`) added as pair sets, their images under `root` (default: the list's folder).
+    `shard_size_mb` is the target shard size in MiB; `workers` the processes (or threads) at work, 0
+    for one per core; `verify` decodes every image; `progress` shows a tqdm bar in images (None: only
+    on a terminal); `row_group_rows` caps a Parquet row group (the loader's shuffle unit);
+    `image_size`, `jpeg_quality` and `lossless` say how loose photos become crops; `skip_bad` lists
+    unusable photos in the manifest instead of stopping.
     """
     src, out = Path(src), Path(out)
     if not shard_size_mb > 0:
@@ -234,11 +291,53 @@ def convert(
     if row_group_rows < 1:
         raise FembError(f"row_group_rows must be at least 1, got {row_group_rows}")
     workers = workers or os.cpu_count() or 1
-    if not src.is_dir():
-        raise FembError(f"{src}: no such directory (expected train.rec, train.idx, property and *.bin)")
+    kind = detect_source_kind(src, source_kind)
+    options = ImageOptions(image_size, jpeg_quality, lossless)
+    options.check(aligning=landmarks is not None)
+    marks = read_landmarks(landmarks) if landmarks is not None else None
+    pair_lists = [Path(p) for p in pairs]
+    for path in pair_lists:
+        if not path.is_file():
+            raise FembError(f"{path}: no such pair list file")
+    run = dict(out=out, shard_size_mb=shard_size_mb, workers=workers, verify=verify, progress=progress)
+    run.update(row_group_rows=row_group_rows, root=root, marks=marks, pair_lists=pair_lists, options=options)
+    if kind == "insightface":
+        return _convert_records(src, **run)
+    return _convert_images(src, kind, skip_bad=skip_bad, **run)
+
+
+def _plan_pair_lists(
+    pair_lists: Sequence[Path],
+    out: Path,
+    fingerprint: str,
+    root: Path | None,
+    marks: Any,
+    options: ImageOptions,
+) -> list[Any]:
+    if not pair_lists:
+        return []
+    from femb.data.pairs import plan_pair_list
+
+    return [plan_pair_list(p, out, fingerprint, root or p.parent, marks, options) for p in pair_lists]
+
+
+def _convert_records(
+    src: Path,
+    out: Path,
+    shard_size_mb: float,
+    workers: int,
+    verify: bool,
+    progress: bool | None,
+    row_group_rows: int,
+    root: Path | None,
+    marks: Any,
+    pair_lists: Sequence[Path],
+    options: ImageOptions,
+) -> dict[str, Any]:
+    """An InsightFace directory -> OUT, image bytes unchanged (module doc)."""
     with InsightFaceRecords(src) as records:
         bins = sorted(src.glob("*.bin"))
-        fingerprint = source_fingerprint(src, bins)
+        fingerprint = source_fingerprint(src, bins, pair_lists)
         manifest, finished, temps = _inspect_out(out, fingerprint)
         settings = {
             "format": layout.FORMAT,
@@ -246,6 +345,8 @@ def convert(
             "shard_size_mb": shard_size_mb,
             "row_group_rows": row_group_rows,
         }
+        if pair_lists:
+            settings["pair_options"] = {**vars(options), "aligned": marks is not None}
         current = manifest if _manifest_current(out, manifest, settings) else None
         if current is not None and (current.get("verified") or not verify):
             return current
@@ -254,6 +355,7 @@ def convert(
             raise FembError(f"{records.idx_path}: the dataset holds no images")
         spans = records.spans()
         pair_tasks = _plan_pairs(bins, out, fingerprint)
+        list_tasks = _plan_pair_lists(pair_lists, out, fingerprint, root, marks, options)
         shard_tasks = _plan_shards(
             records, spans, out, fingerprint, shard_size_mb * (1 << 20), row_group_rows
         )
@@ -269,8 +371,8 @@ def convert(
         out.mkdir(parents=True, exist_ok=True)
         remove_temps(out, temps)
         layout.manifest_path(out).unlink(missing_ok=True)
-        tasks = [*shard_tasks, *pair_tasks]
-        reuse = {t.file for t in tasks if finished.get(t.file) == t.meta}
+        tasks = [*shard_tasks, *pair_tasks, *list_tasks]
+        reuse = {t.file for t in tasks if _reused(t, finished)}
         total = sum(t.meta["rows"] for t in shard_tasks)
         try:
             with progress_bar(total, "convert", progress) as bar:
@@ -281,28 +383,126 @@ def convert(
                 written += run_tasks(
                     write_pairs, [t for t in pair_tasks if t.file not in reuse], workers, bar
                 )
+                lists = _write_pair_lists(list_tasks, finished, out, workers, bar)
         except BaseException:
             remove_temps(out, [t.file for t in tasks])
             raise
         results = {r["file"]: r for r in written}
-        for t in tasks:
+        results.update(lists)
+        for t in [*shard_tasks, *pair_tasks]:
             if t.file in reuse:
                 kept = ("rows", "first_key", "last_key") if isinstance(t, ShardTask) else ("pairs",)
                 results[t.file] = {**_file_sha256(out / t.file), **{k: t.meta[k] for k in kept}}
-        for name in set(finished) - {
-            t.file for t in tasks
-        }:  # ours, same source, another plan (e.g. shard size)
-            (out / name).unlink(missing_ok=True)
+        _remove_other_plans(out, finished, {t.file for t in tasks})
         manifest = {
             **settings,
             "source": str(src),
+            "source_kind": "insightface",
             "layout": records.layout,
             "num_classes": records.num_classes,
             "num_images": int(spans.keys.size),
             "image_size": list(records.image_size),
             "verified": bool(verify),
             "shards": [results[t.file] for t in shard_tasks],
-            "pairs": {Path(t.file).stem: results[t.file] for t in pair_tasks},
+            "pairs": {Path(t.file).stem: results[t.file] for t in [*pair_tasks, *list_tasks]},
         }
         layout.write_manifest(out, manifest)
         return manifest
+
+
+def _convert_images(
+    src: Path,
+    kind: str,
+    out: Path,
+    shard_size_mb: float,
+    workers: int,
+    verify: bool,
+    progress: bool | None,
+    row_group_rows: int,
+    root: Path | None,
+    marks: Any,
+    pair_lists: Sequence[Path],
+    options: ImageOptions,
+    skip_bad: bool,
+) -> dict[str, Any]:
+    """An image folder or image list -> OUT (`femb.data.image_shards`)."""
+    if kind == "folder":
+        if root is not None and Path(root) != src:
+            raise FembError(f"root {root}: applies to an image list; an image folder is its own root")
+        source = scan_folder(src)
+    else:
+        source = read_image_list(src, root, skip_bad)
+    fingerprint = image_fingerprint(source, marks, pair_lists)
+    manifest, finished, temps = _inspect_out(out, fingerprint)
+    settings = {
+        "format": layout.FORMAT,
+        "fingerprint": fingerprint,
+        "source_kind": kind,
+        "shard_size_mb": shard_size_mb,
+        "row_group_rows": row_group_rows,
+        "image_size": [options.image_size, options.image_size],
+        "jpeg_quality": options.jpeg_quality,
+        "lossless": options.lossless,
+        "aligned": marks is not None,
+        "skip_bad": skip_bad,
+    }
+    current = manifest if _manifest_current(out, manifest, settings) else None
+    if current is not None and (current.get("verified") or not verify):
+        return current
+
+    shard_tasks, unaligned = plan_image_shards(
+        source, marks, fingerprint, options, shard_size_mb * (1 << 20), row_group_rows, skip_bad
+    )
+    list_tasks = _plan_pair_lists(
+        pair_lists, out, fingerprint, root if kind == "list" else None, marks, options
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    remove_temps(out, temps)
+    layout.manifest_path(out).unlink(missing_ok=True)
+    footers = {t.file: read_footer(out / t.file) if t.file in finished else None for t in shard_tasks}
+    reuse = {
+        t.file
+        for t in shard_tasks
+        if is_finished(t, footers[t.file]) and (footers[t.file].get("verified") or not verify)
+    }
+    todo = [t for t in shard_tasks if t.file not in reuse]
+    try:
+        with progress_bar(sum(len(t.images) for t in shard_tasks), "convert", progress) as bar:
+            bar.update(sum(len(t.images) for t in shard_tasks if t.file in reuse))
+            written = write_image_shards(todo, source, out, options, skip_bad, verify, workers, bar)
+            lists = _write_pair_lists(list_tasks, finished, out, workers, bar)
+    except BaseException:
+        remove_temps(out, [t.file for t in [*shard_tasks, *list_tasks]])
+        raise
+    results = {r["file"]: r for r in written}
+    for t in shard_tasks:
+        if t.file in reuse:
+            footer = footers[t.file]
+            keys = (
+                {k: footer[k] for k in ("first_key", "last_key")}
+                if footer["rows"]
+                else {"first_key": None, "last_key": None}
+            )
+            results[t.file] = {
+                **_file_sha256(out / t.file),
+                "rows": footer["rows"],
+                **keys,
+                "skipped": footer["skipped"],
+            }
+    _remove_other_plans(out, finished, {t.file for t in [*shard_tasks, *list_tasks]} | {IDENTITIES})
+    skipped = [*source.skipped, *unaligned, *(s for t in shard_tasks for s in results[t.file].pop("skipped"))]
+    write_identities(out, source.identities)
+    manifest = {
+        **settings,
+        "source": str(src),
+        "num_classes": len(source.identities),
+        "num_images": sum(results[t.file]["rows"] for t in shard_tasks),
+        "verified": bool(verify),
+        "identities": source.identities,
+        "skipped": skipped,
+        "shards": [results[t.file] for t in shard_tasks],
+        "pairs": {Path(t.file).stem: lists[t.file] for t in list_tasks},
+    }
+    layout.write_manifest(out, manifest)
+    warn_skipped(skipped)
+    return manifest

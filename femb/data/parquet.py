@@ -57,6 +57,25 @@ class PairTask:
     meta: dict
 
 
+def split_by_bytes(lengths: np.ndarray, parts: int) -> np.ndarray:
+    """Boundaries [0, ..., n] cutting rows into `parts` runs of about equal byte size."""
+    cumulative = np.cumsum(lengths)
+    targets = cumulative[-1] * np.arange(1, parts) / parts
+    inner = np.searchsorted(cumulative, targets, side="left") + 1
+    return np.unique(np.concatenate([[0], inner, [lengths.size]]))
+
+
+def row_group_bounds(lengths: np.ndarray, max_rows: int) -> list[int]:
+    """Boundaries of row groups of at most `max_rows` rows and ROW_GROUP_MAX_BYTES image bytes."""
+    bounds, start, n = [0], 0, lengths.size
+    cumulative = np.concatenate([[0], np.cumsum(lengths)])
+    while start < n:
+        by_bytes = int(np.searchsorted(cumulative, cumulative[start] + ROW_GROUP_MAX_BYTES, side="right")) - 1
+        start = min(n, start + max_rows, max(by_bytes, start + 1))
+        bounds.append(start)
+    return bounds
+
+
 class _HashingFile(io.RawIOBase):
     """A write-only file that hashes what passes through while a thread writes it: sha256 costs no second read."""
 

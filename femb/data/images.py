@@ -1,0 +1,271 @@
+"""Loose image files as a face dataset: an image folder or an image list, and each photo made a training crop.
+
+- **Image folder** `ROOT/<identity>/.../<image>`: labels follow the sorted identity folder names, as
+  torchvision's `ImageFolder.class_to_idx` does; a folder's images are found recursively and sorted.
+  An identity folder without images is left out with a warning (it takes no label), so labels stay
+  0..C-1 with every class present.
+- **Image list**: `relative/path label` lines (space or tab; the path may hold spaces), the layout
+  FaceX-Zoo and MagFace read, with paths under `root`.
+
+`prepare_image` turns one file into the bytes a shard stores (docs/architecture.md "Image sources"): a
+JPEG of the dataset's size that needs no alignment, no rotation and no colour conversion keeps its
+bytes; everything else is decoded (EXIF orientation applied; grayscale, palette, CMYK and alpha made
+RGB), aligned with `norm_crop` when it has landmarks, and encoded once, as JPEG or PNG. A kept JPEG's
+header is read, not its body: `femb convert --verify` decodes every image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from femb.data.align import arcface_template, norm_crop
+from femb.errors import FembError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # read in any letter case
+MAX_LABEL = 1 << 24  # RecordIO stores labels as float32: the integers below this are exact
+_EXIF_ORIENTATION = 0x0112
+
+log = logging.getLogger(__name__)
+
+
+class BadImage(FembError):
+    """One image that cannot become a training crop: unreadable, corrupt, of the wrong size, unlabelled."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a loose photo becomes a crop: its side, and the encoding of images that are re-encoded."""
+
+    image_size: int = 112
+    jpeg_quality: int = 95
+    lossless: bool = False
+
+    def check(self, aligning: bool) -> None:
+        """A FembError naming the option that is out of range (alignment needs an ArcFace template size)."""
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16:
+            raise FembError(f"image_size must be an integer of at least 16, got {self.image_size!r}")
+        if aligning:
+            arcface_template(self.image_size)  # refuses sizes the template is not defined for
+        if not 1 <= self.jpeg_quality <= 100:
+            raise FembError(f"jpeg_quality must be between 1 and 100, got {self.jpeg_quality}")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One photo of the dataset: its path under the root (the key landmarks and the manifest use) and label."""
+
+    name: str  # relative posix path
+    label: int
+    size: int  # bytes on disk, part of the source fingerprint
+    where: str  # how an error names it: the path, or `list.txt:12`
+
+
+@dataclass
+class ImageSource:
+    """The photos an image folder or image list holds, in label order, and the names of the identities."""
+
+    kind: str  # "folder" or "list"
+    root: Path
+    images: list[SourceImage]
+    identities: list[str]  # label -> identity name
+    skipped: list[dict]  # {"file", "reason"}: entries left out under skip_bad
+    list_path: Path | None = None
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(top: Path) -> list[tuple[str, int]]:
+    """(relative posix path, size) of every image file under `top`, recursively, hidden entries left out."""
+    found: list[tuple[str, int]] = []
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.is_file() and _is_image(entry.name):
+                    found.append((Path(entry.path).relative_to(top).as_posix(), entry.stat().st_size))
+    return sorted(found)
+
+
+def scan_folder(root: Path) -> ImageSource:
+    """The images of `ROOT/<identity>/.../<image>`, labelled by the sorted identity folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FembError(f"{root}: no such directory (expected one folder of images per identity)")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise FembError(f"{root}: holds no identity folders (expected ROOT/<identity>/<image>)")
+    images: list[SourceImage] = []
+    identities: list[str] = []
+    for folder in folders:
+        found = _walk_images(root / folder)
+        if not found:
+            log.warning("%s: an identity folder with no images, left out", root / folder)
+            continue
+        label = len(identities)
+        identities.append(folder)
+        images += [
+            SourceImage(f"{folder}/{rel}", label, size, f"{root / folder / rel}") for rel, size in found
+        ]
+    if not images:
+        raise FembError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in any identity folder")
+    return ImageSource("folder", root, images, identities, [])
+
+
+def _list_identities(images: list[SourceImage], num_classes: int) -> list[str]:
+    """Name each label by its images' parent folder when labels and folders correspond one to one, else by number."""
+    parents: dict[int, set[str]] = {}
+    for image in images:
+        parents.setdefault(image.label, set()).add(PurePosixPath(image.name).parent.name)
+    names = [next(iter(parents[c])) if len(parents.get(c, ())) == 1 else "" for c in range(num_classes)]
+    if all(names) and len(set(names)) == num_classes:
+        return names
+    return [str(c) for c in range(num_classes)]
+
+
+def read_image_list(list_path: Path, root: Path | None = None, skip_bad: bool = False) -> ImageSource:
+    """The images of a `relative/path label` list under `root` (default: the list's folder), in list order.
+
+    A malformed line, a label that is not an integer in [0, 2**24), a duplicate path or a missing file
+    is a BadImage naming the list and line; with `skip_bad` the entry is left out and listed instead.
+    """
+    list_path = Path(list_path)
+    root = Path(root) if root is not None else list_path.parent
+    if not list_path.is_file():
+        raise FembError(f"{list_path}: no such image list")
+    if not root.is_dir():
+        raise FembError(f"root {root}: no such directory (the image list's paths are relative to it)")
+    try:
+        lines = list_path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise FembError(f"{list_path}: the image list is not UTF-8 text") from None
+    images: list[SourceImage] = []
+    skipped: list[dict] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{list_path}:{number}"
+        fields = text.rsplit(None, 1)
+        try:
+            if len(fields) != 2:
+                raise BadImage(f"{where}: expected `relative/path label`, got {text!r}")
+            name, label_text = fields[0].replace("\\", "/"), fields[1]
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise BadImage(f"{where}: the label {label_text!r} is not an integer") from None
+            if not 0 <= label < MAX_LABEL:
+                raise BadImage(f"{where}: the label {label} is out of range [0, {MAX_LABEL})")
+            if name in seen:
+                raise BadImage(f"{where}: {name} is listed a second time")
+            try:
+                size = (root / name).stat().st_size
+            except OSError as err:
+                raise BadImage(f"{where}: cannot read {root / name} ({err.strerror or err})") from None
+        except BadImage as err:
+            if not skip_bad:
+                raise
+            skipped.append({"file": fields[0] if fields else text, "reason": str(err)})
+            continue
+        seen.add(name)
+        images.append(SourceImage(name, label, size, where))
+    if not images:
+        raise FembError(f"{list_path}: the image list names no usable image")
+    images.sort(key=lambda image: image.label)  # stable: list order within a label
+    num_classes = images[-1].label + 1
+    return ImageSource("list", root, images, _list_identities(images, num_classes), skipped, list_path)
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.size  # noqa: B018 (parses the header)
+    except UnidentifiedImageError:
+        raise BadImage(f"{where}: not an image file (no known format)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImage(f"{where}: not a readable image ({err})") from None
+    return image
+
+
+def _decode(image: Image.Image, where: str) -> np.ndarray:
+    """RGB pixels, EXIF orientation applied; grayscale, palette, CMYK and alpha images made RGB."""
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImage(f"{where}: a corrupt image ({err})") from None
+
+
+def encode(pixels: np.ndarray, options: ImageOptions) -> bytes:
+    """Encode RGB pixels once: JPEG at the options' quality, or PNG when lossless (OpenCV, libjpeg-turbo)."""
+    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    if options.lossless:
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, options.jpeg_quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 HxWx3 array
+        raise RuntimeError("OpenCV could not encode an image")
+    return buf.tobytes()
+
+
+def prepare_image(
+    data: bytes, options: ImageOptions, landmarks: np.ndarray | None = None, where: str = "image"
+) -> bytes:
+    """The bytes a shard stores for one photo: kept when an aligned RGB JPEG, else decoded, aligned, encoded.
+
+    Without landmarks the photo must be image_size x image_size already; otherwise a BadImage names it,
+    its size and `landmarks`.
+    """
+    image = _open(data, where)
+    side = options.image_size
+    if landmarks is None:
+        kept = image.format == "JPEG" and image.mode == "RGB" and image.size == (side, side)
+        if kept and image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return data
+        pixels = _decode(image, where)
+        if pixels.shape[:2] != (side, side):
+            height, width = pixels.shape[:2]
+            raise BadImage(
+                f"{where}: is {width}x{height}, not an aligned {side}x{side} crop; give its five points "
+                "with landmarks to align it"
+            )
+        return encode(pixels, options)
+    pixels = _decode(image, where)
+    try:
+        crop = norm_crop(pixels, landmarks, side, name=where)
+    except FembError as err:  # degenerate landmarks: this image's fault, skippable like a corrupt one
+        raise BadImage(str(err)) from None
+    return encode(crop, options)
+
+
+def check_image(data: bytes, options: ImageOptions, where: str = "image") -> None:
+    """Decode stored bytes fully (what `--verify` asks): a BadImage when corrupt or not image_size square."""
+    pixels = _decode(_open(data, where), where)
+    side = options.image_size
+    if pixels.shape[:2] != (side, side):
+        raise BadImage(f"{where}: decodes to {pixels.shape[1]}x{pixels.shape[0]}, not {side}x{side}")
+
+
+def read_image(path: Path, where: str) -> bytes:
+    """The bytes of one image file; a BadImage naming it when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise BadImage(f"{where}: cannot read {path} ({err.strerror or err})") from None
