@@ -37,6 +37,7 @@ _CONVERT_FLAGS = {
     "image_size": "--image-size",
     "jpeg_quality": "--jpeg-quality",
 }
+_LANDMARKS_FLAG = {"`landmarks`": "--landmarks"}  # named inside messages, in backticks
 
 
 def _image_options(args: argparse.Namespace) -> dict:
@@ -53,7 +54,7 @@ def _image_options(args: argparse.Namespace) -> dict:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from femb.data.convert import convert
 
-    with argument_names(_CONVERT_FLAGS, anywhere=True):
+    with argument_names(_CONVERT_FLAGS), argument_names(_LANDMARKS_FLAG, anywhere=True):
         manifest = convert(
             Path(args.src),
             Path(args.out),
@@ -77,7 +78,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 def _cmd_pairs(args: argparse.Namespace) -> None:
     from femb.data.pairs import convert_pairs
 
-    with argument_names(_CONVERT_FLAGS, anywhere=True):
+    with argument_names(_CONVERT_FLAGS), argument_names(_LANDMARKS_FLAG, anywhere=True):
         summary = convert_pairs(
             Path(args.pairs), Path(args.output), workers=args.workers, **_image_options(args)
         )

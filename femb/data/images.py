@@ -244,7 +244,7 @@ def prepare_image(
             height, width = pixels.shape[:2]
             raise BadImage(
                 f"{where}: is {width}x{height}, not an aligned {side}x{side} crop; give its five points "
-                "with landmarks to align it"
+                "with `landmarks` to align it"
             )
         return encode(pixels, options)
     pixels = _decode(image, where)

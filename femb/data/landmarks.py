@@ -8,7 +8,8 @@ Two layouts are read (docs/architecture.md "Image sources"):
   optional eleventh the detector score.
 
 A photo is looked up by its path relative to the dataset root (`id/img.jpg`), or else by its bare file
-name when only one row has that name (the IJB files list bare names).
+name when the file lists bare names (the IJB files do); two photos of one bare name then share a row,
+so such a file suits sources whose file names are unique.
 """
 
 from __future__ import annotations
@@ -32,22 +33,21 @@ class Landmarks:
     points: dict[str, np.ndarray]  # name -> (5, 2) float64, in the photo's pixels
     scores: dict[str, float]
     sha256: str
-    _by_file_name: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _by_file_name: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in self.points:
-            base = PurePosixPath(name).name
-            self._by_file_name[base] = None if base in self._by_file_name else name  # None: ambiguous
+            if "/" not in name:  # a bare file name stands for any photo of that name, when only one has it
+                self._by_file_name[name] = name
 
     def __len__(self) -> int:
         return len(self.points)
 
     def lookup(self, name: str) -> np.ndarray | None:
-        """The points of the photo at relative path `name` (or of its file name, when unique); None if absent."""
+        """The points of the photo at relative path `name`, or of its bare file name; None if absent."""
         found = self.points.get(name)
-        if found is None:
-            full = self._by_file_name.get(PurePosixPath(name).name)
-            found = None if full is None else self.points[full]
+        if found is None and (bare := self._by_file_name.get(PurePosixPath(name).name)) is not None:
+            found = self.points[bare]
         return found
 
 
