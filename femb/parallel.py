@@ -11,7 +11,9 @@ import collections
 import concurrent.futures as cf
 import itertools
 import multiprocessing as mp
+import multiprocessing.forkserver
 import queue
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -37,8 +39,10 @@ def report_progress(units: int, report: Report | None = None) -> None:
 
 
 def _init_worker(progress: mp.Queue) -> None:
+    """A worker reports progress over the queue and leaves Ctrl-C to the parent, which stops the pool."""
     global _REPORT
     _REPORT = progress.put
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_tasks(
@@ -96,8 +100,7 @@ def imap_tasks(
         return
     workers = min(workers, len(tasks))
     window = max(1, window or 4 * workers)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__, fn.__module__])
+    ctx = _forkserver(fn)
     progress = ctx.Queue()
     with cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)
@@ -117,11 +120,28 @@ def imap_tasks(
                     pending.append(pool.submit(fn, task, *args))
                 yield result
         except BaseException:
-            for future in pending:
-                future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)  # running tasks finish; queued ones never start
             raise
         finally:
             _drain(progress, bar)
+
+
+def _forkserver(fn: Callable[..., Any]) -> mp.context.BaseContext:
+    """The forkserver context, its server started with Ctrl-C ignored (the parent alone handles it).
+
+    The server inherits SIGINT's disposition; without this, a Ctrl-C while it preloads `fn`'s module
+    prints its traceback beside the parent's one-line message.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, fn.__module__])
+    if threading.current_thread() is not threading.main_thread():
+        return ctx
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        mp.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return ctx
 
 
 def _drain(progress: mp.Queue, bar: tqdm) -> None:
