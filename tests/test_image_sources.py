@@ -289,3 +289,15 @@ def test_corrupt_images_stop_or_are_skipped(folder: tuple, tmp_path: Path, capsy
         "bob/truncated.jpg",
     ]  # ... unless --verify
     assert verified["num_images"] == 4 and verified["verified"] is True
+
+
+def test_pair_lists_may_not_share_a_name(folder: tuple, tmp_path: Path) -> None:
+    root, _ = folder
+    lists = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        lists.append(tmp_path / sub / "pairs.csv")
+        lists[-1].write_text("left,right,is_same\nbob/b1.jpg,alice/A2.JPG,0\n")
+    with pytest.raises(FembError, match=r"pairs.csv: its pair set would be named 'pairs', as .*pairs.csv's is"):
+        convert(root, tmp_path / "out", pairs=lists, root=root, progress=False, workers=1)
+    assert not (tmp_path / "out").exists()

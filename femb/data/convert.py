@@ -247,6 +247,11 @@ def _write_pair_lists(
     return results
 
 
+def _pair_images(tasks: Sequence[Any], finished: dict[str, dict]) -> int:
+    """The images the pair lists still to write will prepare (the progress bar counts them too)."""
+    return sum(len(t.images) for t in tasks if not _reused(t, finished))
+
+
 def _remove_other_plans(out: Path, finished: dict[str, dict], files: set[str]) -> None:
     """Remove our files of the same source but another plan (e.g. another shard size)."""
     for name in set(finished) - files:
@@ -318,7 +323,19 @@ def _plan_pair_lists(
         return []
     from femb.data.pairs import plan_pair_list
 
-    return [plan_pair_list(p, out, fingerprint, root or p.parent, marks, options) for p in pair_lists]
+    tasks = [plan_pair_list(p, out, fingerprint, root or p.parent, marks, options) for p in pair_lists]
+    return tasks
+
+
+def _check_pair_names(pair_lists: Sequence[Path], bins: Sequence[Path]) -> None:
+    """Two pair sets may not share a name: `lfw.txt` beside `lfw.bin`, or two `pairs.txt`, would overwrite."""
+    seen: dict[str, Path] = {path.stem: path for path in bins}
+    for path in pair_lists:
+        if path.stem in seen:
+            raise FembError(
+                f"{path}: its pair set would be named {path.stem!r}, as {seen[path.stem]}'s is; rename one"
+            )
+        seen[path.stem] = path
 
 
 def _convert_records(
@@ -337,6 +354,7 @@ def _convert_records(
     """An InsightFace directory -> OUT, image bytes unchanged (module doc)."""
     with InsightFaceRecords(src) as records:
         bins = sorted(src.glob("*.bin"))
+        _check_pair_names(pair_lists, bins)
         fingerprint = source_fingerprint(src, bins, pair_lists)
         manifest, finished, temps = _inspect_out(out, fingerprint)
         settings = {
@@ -373,7 +391,7 @@ def _convert_records(
         layout.manifest_path(out).unlink(missing_ok=True)
         tasks = [*shard_tasks, *pair_tasks, *list_tasks]
         reuse = {t.file for t in tasks if _reused(t, finished)}
-        total = sum(t.meta["rows"] for t in shard_tasks)
+        total = sum(t.meta["rows"] for t in shard_tasks) + _pair_images(list_tasks, finished)
         try:
             with progress_bar(total, "convert", progress) as bar:
                 bar.update(sum(t.meta["rows"] for t in shard_tasks if t.file in reuse))
@@ -432,6 +450,7 @@ def _convert_images(
         source = scan_folder(src)
     else:
         source = read_image_list(src, root, skip_bad)
+    _check_pair_names(pair_lists, [])
     fingerprint = image_fingerprint(source, marks, pair_lists)
     manifest, finished, temps = _inspect_out(out, fingerprint)
     settings = {
@@ -453,9 +472,7 @@ def _convert_images(
     shard_tasks, unaligned = plan_image_shards(
         source, marks, fingerprint, options, shard_size_mb * (1 << 20), row_group_rows, skip_bad
     )
-    list_tasks = _plan_pair_lists(
-        pair_lists, out, fingerprint, root if kind == "list" else None, marks, options
-    )
+    list_tasks = _plan_pair_lists(pair_lists, out, fingerprint, root, marks, options)
     out.mkdir(parents=True, exist_ok=True)
     remove_temps(out, temps)
     layout.manifest_path(out).unlink(missing_ok=True)
@@ -467,7 +484,8 @@ def _convert_images(
     }
     todo = [t for t in shard_tasks if t.file not in reuse]
     try:
-        with progress_bar(sum(len(t.images) for t in shard_tasks), "convert", progress) as bar:
+        total = sum(len(t.images) for t in shard_tasks) + _pair_images(list_tasks, finished)
+        with progress_bar(total, "convert", progress) as bar:
             bar.update(sum(len(t.images) for t in shard_tasks if t.file in reuse))
             written = write_image_shards(todo, source, out, options, skip_bad, verify, workers, bar)
             lists = _write_pair_lists(list_tasks, finished, out, workers, bar)
