@@ -155,6 +155,8 @@ class TrainParams(OptimParams, BackboneOptions):
     val_every: int = Field(200, ge=1)
     val_sets: list[str] = []
     partial_fc: PartialFCParams = PartialFCParams()
+    init_weights: Path | None = None  # fine-tuning: the backbone starts from these weights, the head fresh
+    freeze_backbone_steps: int = Field(0, ge=0)  # fine-tuning: only the head trains for this many steps
 
 
 class ModelParams(BackboneOptions):

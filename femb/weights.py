@@ -64,6 +64,37 @@ def load_backbone(path: Path | str, backbone: str | None = None, **kwargs: Any) 
     return model.eval()
 
 
+def load_backbone_weights(model: nn.Module, path: Path | str, backbone: str, embedding_size: int) -> None:
+    """Copy the backbone weights in `path` into `model`, a `backbone` of `embedding_size` features, strictly.
+
+    `path` is any PyTorch file `load_backbone` reads (an arcface_torch `backbone.pth`, a femb
+    `backbone.pth`, a femb/Lightning `.ckpt`); a checkpoint's head is ignored. Weights of another
+    architecture or embedding size are refused in one line naming the file's and the model's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FembError(f"{path}: no such weights file")
+    state, recorded = read_backbone_state_dict(path)
+    wanted = canonical_backbone_name(backbone)
+    found = _file_backbone(state, recorded)
+    features = _structural_kwargs(found or wanted, state).get("num_features")
+    if (found is not None and found != wanted) or (features is not None and features != embedding_size):
+        raise FembError(
+            f"{path}: holds {found or 'unrecognised'} weights of embedding size {features or '?'}, but "
+            f"backbone is '{wanted}' with embedding_size {embedding_size}; set both to match the file"
+        )
+    _check_keys(path, wanted, model.state_dict(), state)
+    model.load_state_dict(state, strict=True)
+
+
+def _file_backbone(state: Mapping[str, Tensor], recorded: str | None) -> str | None:
+    """The canonical backbone a weights file holds: the name it records, else the one its keys imply."""
+    try:
+        return canonical_backbone_name(recorded) if recorded is not None else infer_backbone(state)[0]
+    except FembError:
+        return None  # unknown: the strict key check says what does not fit
+
+
 def read_backbone_state_dict(path: Path | str) -> tuple[dict[str, Tensor], str | None]:
     """The backbone's state dict (official key names) in a weights file, and the backbone it names if any."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Training callbacks: periodic verification on pair sets, throughput, and the exported backbone."""
+"""Training callbacks: periodic verification on pair sets, throughput, the exported backbone, a frozen backbone."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from femb.errors import FembError
 from femb.evaluation.pairsets import load_pair_set, verify_pair_set
 from femb.weights import save_backbone
 
@@ -109,3 +110,34 @@ class BackboneExport(L.Callback):
         if trainer.is_global_zero:
             with torch.no_grad():
                 save_backbone(pl_module.backbone, self.path, self.backbone, plain=True)
+
+
+class FreezeBackbone(L.Callback):
+    """Train only the head for the first `steps` optimizer steps, then the whole model (fine-tuning).
+
+    While frozen, the backbone's parameters do not require grad: they get no gradient at all (None),
+    which SGD and AdamW skip, so weight decay and momentum do not move them either and they stay
+    bitwise unchanged. The backbone is also in eval mode, so its BatchNorm running statistics (and
+    dropout) are frozen too. The state follows `trainer.global_step` at the start of every batch, so a
+    run resumed mid-freeze keeps freezing up to the same step. Under DDP the frozen parameters are
+    unused: the strategy must find unused parameters (`ddp_find_unused_parameters_true`).
+    """
+
+    def __init__(self, steps: int) -> None:
+        if steps < 0:
+            raise FembError(f"steps must be at least 0, not {steps}")
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        frozen = trainer.global_step < self.steps
+        backbone = pl_module.backbone
+        for p in backbone.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:
+            backbone.eval()  # again every batch: Lightning and the verification set modes in between
+        elif not backbone.training and pl_module.training:
+            backbone.train()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for p in pl_module.backbone.parameters():  # a run shorter than the freeze leaves a trainable model
+            p.requires_grad_(True)

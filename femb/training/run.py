@@ -14,14 +14,16 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
 
 from femb.config import Params
 from femb.data.layout import data_fingerprint, pair_set_files
 from femb.errors import FembError, argument_names
 from femb.io import write_json
-from femb.training.callbacks import BackboneExport, PeriodicVerification, Throughput
+from femb.training.callbacks import BackboneExport, FreezeBackbone, PeriodicVerification, Throughput
 from femb.training.datamodule import ShardDataModule
 from femb.training.module import FaceRecognitionModule
+from femb.weights import load_backbone_weights
 
 # The loader is resumable through the data module's state, which Lightning's check does not see.
 warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
@@ -42,9 +44,16 @@ def _fingerprint(params: Params) -> str:
     """What must not change for a run to be resumed: the data, the model, the head and the optimisation.
 
     Hardware, logging and evaluation knobs may change (devices and loader workers are checked
-    separately when the data position is restored); so may other heads' hyper-parameters.
+    separately when the data position is restored); so may other heads' hyper-parameters. Init
+    weights count by their content (sha256), not their path. Fine-tuning keys at their defaults are
+    left out, so runs from before they existed keep their fingerprint.
     """
     relevant = params.model_dump(mode="json", include={"backbone", "embedding_size", "header", "train"})
+    init = params.train.init_weights
+    relevant["train"]["init_weights"] = _init_weights_sha256(init) if init is not None else None
+    for key, default in (("init_weights", None), ("freeze_backbone_steps", 0)):
+        if relevant["train"][key] == default:
+            del relevant["train"][key]
     for key in ("devices", "num_nodes", "accelerator", "strategy", "num_workers", "checkpoint_every"):
         relevant["train"].pop(key, None)
     for key in ("val_every", "val_sets", "out_dir"):
@@ -52,6 +61,26 @@ def _fingerprint(params: Params) -> str:
     relevant["header_hparams"] = params.header_hparams()
     relevant["data"] = data_fingerprint(params.data.shards)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _init_weights_sha256(path: Path) -> str:
+    if not path.is_file():
+        raise FembError(f"train.init_weights: {path}: no such weights file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def init_backbone(module: FaceRecognitionModule, params: Params) -> None:
+    """Start `module`'s backbone from `train.init_weights` (a strict load; the head stays fresh)."""
+    try:
+        load_backbone_weights(
+            module.backbone, params.train.init_weights, params.backbone, params.embedding_size
+        )
+    except FembError as err:
+        raise FembError(f"train.init_weights: {err}") from None
 
 
 def build_module(params: Params, num_classes: int) -> FaceRecognitionModule:
@@ -89,6 +118,9 @@ def train(
     the end), `checkpoints/best.ckpt` (by mean verification accuracy), `backbone.pth` (official
     key names) and `summary.json`; metrics go to `loggers` (default: CSV under `logs/`; the DVC
     stage passes DVCLive). Returns the summary on rank 0 and {} on the other ranks.
+
+    Fine-tuning: a fresh run starts its backbone from `train.init_weights` (a resumed one does not:
+    the checkpoint holds the weights), and only the head trains for `train.freeze_backbone_steps`.
     """
     t = params.train
     out_dir = t.out_dir
@@ -103,6 +135,8 @@ def train(
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(params, num_classes)
+    if resume is None and t.init_weights is not None:
+        init_backbone(module, params)
     verification = PeriodicVerification(val_sets, t.val_every, batch_size=params.evaluate.batch_size)
     throughput = Throughput(t.batch_size)
     checkpoints = out_dir / "checkpoints"
@@ -115,6 +149,8 @@ def train(
         ),
         *callbacks,
     ]
+    if t.freeze_backbone_steps:
+        every.insert(0, FreezeBackbone(t.freeze_backbone_steps))
     if val_sets:
         every.append(
             ModelCheckpoint(
@@ -132,6 +168,9 @@ def train(
         every.append(RichProgressBar())
     if loggers is None:
         loggers = [CSVLogger(out_dir, name="logs", version="")]
+    strategy = t.strategy
+    if t.freeze_backbone_steps and strategy == "ddp":
+        strategy = "ddp_find_unused_parameters_true"  # the frozen backbone's parameters get no gradient
     trainer = L.Trainer(
         default_root_dir=out_dir,
         max_epochs=t.max_epochs,
@@ -140,7 +179,7 @@ def train(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         gradient_clip_val=t.gradient_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches,
         callbacks=every,
@@ -152,6 +191,11 @@ def train(
         deterministic=False,
         benchmark=True,  # fixed 112x112 inputs: let cuDNN pick the fastest kernels (no effect on CPU)
     )
+    if t.freeze_backbone_steps and strategy == "auto" and isinstance(trainer.strategy, DDPStrategy):
+        raise FembError(
+            "train.freeze_backbone_steps on several devices needs train.strategy=ddp "
+            "(which then lets DDP skip the frozen backbone's parameters)"
+        )
     started = time.perf_counter()
     with argument_names(_TRAIN_KEYS, anywhere=True):  # the module speaks of its arguments, the user set keys
         trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -174,4 +218,4 @@ def train(
     return summary
 
 
-__all__ = ["build_module", "default_val_sets", "resuming", "train"]
+__all__ = ["build_module", "default_val_sets", "init_backbone", "resuming", "train"]
