@@ -298,6 +298,8 @@ def test_pair_lists_may_not_share_a_name(folder: tuple, tmp_path: Path) -> None:
         (tmp_path / sub).mkdir()
         lists.append(tmp_path / sub / "pairs.csv")
         lists[-1].write_text("left,right,is_same\nbob/b1.jpg,alice/A2.JPG,0\n")
-    with pytest.raises(FembError, match=r"pairs.csv: its pair set would be named 'pairs', as .*pairs.csv's is"):
+    with pytest.raises(
+        FembError, match=r"pairs.csv: its pair set would be named 'pairs', as .*pairs.csv's is"
+    ):
         convert(root, tmp_path / "out", pairs=lists, root=root, progress=False, workers=1)
     assert not (tmp_path / "out").exists()
