@@ -45,7 +45,13 @@ def aligned_folder(root: Path, images: int, seed: int = 0) -> int:
     per_identity = 25
     src = root.parent / "synth-aligned"
     synthesize(
-        src, identities=max(2, images // per_identity), images_per_identity=per_identity, pairs=10, seed=seed
+        src,
+        identities=max(2, images // per_identity),
+        images_per_identity=per_identity,
+        pairs=10,
+        seed=seed,
+        loose_identities=0,
+        ijb_subjects=0,
     )
     total = 0
     with InsightFaceRecords(src) as records:
@@ -70,6 +76,7 @@ def loose_folder(root: Path, photos: int, seed: int = 0) -> Path:
         seed=seed,
         loose_identities=max(2, photos // per_identity),
         loose_images_per_identity=per_identity,
+        ijb_subjects=0,
     )
     return root / "loose"
 

@@ -1,4 +1,5 @@
-"""Stage `synth`: the demo faces, InsightFace layout (train.rec/.idx/property, demo.bin, demo_hard.bin)."""
+"""Stage `synth`: the demo faces, InsightFace layout (train.rec/.idx/property, demo.bin, demo_hard.bin),
+loose photos with landmarks (loose/) and an IJB-C-layout set (IJBC/)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,23 @@ from femb.data.synth import synthesize
 from femb.errors import argument_names
 from stages.common import run_stage
 
-_KEYS = ("identities", "images_per_identity", "pairs", "seed")
+_KEYS = (
+    "identities",
+    "images_per_identity",
+    "pairs",
+    "seed",
+    "loose_identities",
+    "loose_images_per_identity",
+    "ijb_subjects",
+)
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
-    """Write `data.synth` identities, images and pairs to the directory dvc.yaml names."""
+    """Write the `data.synth` demo to the directory dvc.yaml names."""
     (out,) = argv
     s = params.data.synth
     with argument_names({key: f"data.synth.{key}" for key in _KEYS}):
-        summary = synthesize(
-            Path(out),
-            identities=s.identities,
-            images_per_identity=s.images_per_identity,
-            pairs=s.pairs,
-            seed=s.seed,
-        )
+        summary = synthesize(Path(out), **{key: getattr(s, key) for key in _KEYS})
     print(f"synth: {summary['num_images']} images of {s.identities} identities -> {out}")
 
 

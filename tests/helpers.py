@@ -47,10 +47,18 @@ def copy_checkout(dest: Path) -> None:
 
 
 def shrink_demo(repo: Path, **extra: object) -> None:
-    """A demo that trains in seconds: 24 people x 6 images, 40 pairs per set, 4 steps of 32."""
+    """A demo that trains in seconds: 24 people x 6 images, 40 pairs per set, a 4-subject IJB set, 4 steps of 32."""
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["data"]["synth"] = {"identities": 24, "images_per_identity": 6, "pairs": 40, "seed": 3}
+    params["data"]["synth"] = {
+        "identities": 24,
+        "images_per_identity": 6,
+        "pairs": 40,
+        "seed": 3,
+        "loose_identities": 2,
+        "loose_images_per_identity": 2,
+        "ijb_subjects": 4,
+    }
     params["train"].update(max_steps=4, batch_size=32, num_workers=0, warmup_steps=0, val_every=2)
     params["evaluate"]["batch_size"] = 64
     params.update(extra)

@@ -220,7 +220,14 @@ def test_parallel_workers_write_the_same_files(converted: tuple, tmp_path: Path)
 def test_synth_dataset_converts(tmp_path: Path) -> None:
     synth = pytest.importorskip("femb.data.synth")
     summary = synth.synthesize(
-        tmp_path / "synth", identities=3, images_per_identity=2, pairs=2, seed=1, progress=False
+        tmp_path / "synth",
+        identities=3,
+        images_per_identity=2,
+        pairs=2,
+        seed=1,
+        loose_identities=0,
+        ijb_subjects=0,
+        progress=False,
     )
     manifest = convert(tmp_path / "synth", tmp_path / "out", workers=1, progress=False)
     records = InsightFaceRecords(tmp_path / "synth")

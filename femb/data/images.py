@@ -213,9 +213,26 @@ def _decode(image: Image.Image, where: str) -> np.ndarray:
         raise BadImage(f"{where}: a corrupt image ({err})") from None
 
 
+def _decode_bgr(image: Image.Image, data: bytes, where: str) -> np.ndarray:
+    """BGR pixels as `_decode` gives them, decoded by OpenCV where it is the faster and equal path.
+
+    Baseline/progressive RGB or grayscale JPEGs that end in their EOI marker go through `cv2.imdecode`
+    (libjpeg-turbo, EXIF orientation applied), twice as fast as PIL; anything else, a truncated JPEG
+    included (PIL refuses it where OpenCV would fill it grey), is decoded by PIL.
+    """
+    if image.format == "JPEG" and image.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if pixels is not None:
+            return pixels
+    return cv2.cvtColor(_decode(image, where), cv2.COLOR_RGB2BGR)
+
+
 def encode(pixels: np.ndarray, options: ImageOptions) -> bytes:
     """Encode RGB pixels once: JPEG at the options' quality, or PNG when lossless (OpenCV, libjpeg-turbo)."""
-    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    return _encode_bgr(cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), options)
+
+
+def _encode_bgr(bgr: np.ndarray, options: ImageOptions) -> bytes:
     if options.lossless:
         ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     else:
@@ -247,12 +264,12 @@ def prepare_image(
                 "with `landmarks` to align it"
             )
         return encode(pixels, options)
-    pixels = _decode(image, where)
+    pixels = _decode_bgr(image, data, where)  # norm_crop keeps channels as given: no RGB round trip
     try:
         crop = norm_crop(pixels, landmarks, side, name=where)
     except FembError as err:  # degenerate landmarks: this image's fault, skippable like a corrupt one
         raise BadImage(str(err)) from None
-    return encode(crop, options)
+    return _encode_bgr(crop, options)
 
 
 def check_image(data: bytes, options: ImageOptions, where: str = "image") -> None:
