@@ -25,6 +25,7 @@ from femb.evaluation.ijb import (
     evaluate_1v1,
     evaluate_1vn,
     evaluate_ijb,
+    pair_scores,
     read_ijb,
     subject_templates,
     template_features,
@@ -432,3 +433,18 @@ def test_embed_ijb_aligns_flip_sums_and_caches(tmp_path, monkeypatch):
         "1e-02",
         "1e-01",
     }
+
+
+def test_pair_scores_equal_explicit_dot_products_on_dense_and_sparse_blocks():
+    rng = np.random.default_rng(5)
+    ids = np.sort(rng.choice(10_000, 1500, replace=False)) + 7  # sparse, unordered-looking template ids
+    feats = rng.standard_normal((1500, 8))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    dense = rng.integers(0, 1500, (20_000, 2))  # rows of the first blocks pair with most columns
+    sparse = np.stack([rng.integers(1024, 1500, 50), rng.integers(0, 1500, 50)], 1)  # a few partners
+    index = np.concatenate([dense, sparse])
+    scores = pair_scores(ids, feats, ids[index[:, 0]], ids[index[:, 1]])
+    expected = np.einsum("ij,ij->i", feats[index[:, 0]], feats[index[:, 1]])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-12)
+    with pytest.raises(FembError, match="t2: pair 1 names template 3, which has no image"):
+        pair_scores(ids, feats, ids[:2], np.array([ids[0], 3]))

@@ -36,6 +36,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import scipy.sparse
 import torch
 from torch import nn
 
@@ -527,34 +528,31 @@ def template_features(
         faceness = np.asarray(faceness)
         if faceness.shape != (n,):
             raise FembError(f"faceness: expected shape ({n},), got {faceness.shape}")
-    order = np.lexsort((medias, templates))
-    if choose is not None:
-        wanted = np.isin(templates[order], np.asarray(choose, dtype=np.int64))
-        order = order[wanted]
-    sorted_t, sorted_m = templates[order], medias[order]
-    new_media = np.r_[True, (sorted_t[1:] != sorted_t[:-1]) | (sorted_m[1:] != sorted_m[:-1])]
-    media_starts = np.flatnonzero(new_media)
-    media_sizes = np.diff(np.r_[media_starts, len(order)]).astype(np.float64)
-    media_template = sorted_t[media_starts]
-    template_starts = np.flatnonzero(np.r_[True, media_template[1:] != media_template[:-1]])
-    unique = media_template[template_starts]
-
-    scale = None
+    rows = (
+        np.arange(n) if choose is None else np.flatnonzero(np.isin(templates, np.asarray(choose, np.int64)))
+    )
+    unique, template_of = np.unique(templates[rows], return_inverse=True)
+    _, media_of = np.unique(np.stack([templates[rows], medias[rows]]), axis=1, return_inverse=True)
+    media_size = np.bincount(media_of.reshape(-1))
+    # Each image's weight in its template's sum of media means: faceness / (images in its media).
+    weight = 1.0 / media_size[media_of.reshape(-1)]
+    if use_faceness:
+        weight = weight * np.asarray(faceness, np.float64)[rows]
     if normalize_images:  # float32 norms of float32 features, as the official computes them
-        scale = np.empty(n, dtype=features.dtype)
-        for start in range(0, n, 65536):
-            block = features[start : start + 65536]
-            scale[start : start + 65536] = np.sqrt(np.sum(block**2, -1))
+        for start in range(0, len(rows), 65536):
+            block = features[rows[start : start + 65536]]
+            weight[start : start + 65536] /= np.sqrt(np.sum(block**2, -1))
+    pooling = scipy.sparse.csr_matrix(
+        (weight, (template_of.reshape(-1), np.arange(len(rows)))), shape=(len(unique), len(rows))
+    )
     pooled = np.empty((len(unique), features.shape[1]), dtype=np.float64)
     for column in range(0, features.shape[1], _POOL_COLUMNS):
-        block = features[order, column : column + _POOL_COLUMNS]
-        if scale is not None:
-            block = block / scale[order, None]
-        if use_faceness:
-            block = block * faceness[order, None]
-        media_means = np.add.reduceat(block.astype(np.float64), media_starts, axis=0)
-        media_means /= media_sizes[:, None]
-        pooled[:, column : column + _POOL_COLUMNS] = np.add.reduceat(media_means, template_starts, axis=0)
+        block = (
+            features[rows, column : column + _POOL_COLUMNS]
+            if choose is not None
+            else features[:, column : column + _POOL_COLUMNS]
+        )
+        pooled[:, column : column + _POOL_COLUMNS] = pooling @ block.astype(np.float64)
     norms = np.sqrt(np.sum(pooled**2, -1, keepdims=True))
     pooled /= np.where(norms > 0, norms, 1.0)  # sklearn.preprocessing.normalize leaves zero rows zero
     return unique, pooled
@@ -573,31 +571,47 @@ def pair_scores(
     index1 = _template_index(unique_templates, t1, "t1")
     index2 = _template_index(unique_templates, t2, "t2")
     low, high = np.minimum(index1, index2), np.maximum(index1, index2)
-    order = np.argsort(low, kind="stable")
+    blocks = low // _BLOCK_ROWS
+    # Pairs grouped by row block (their order within a block does not matter): a radix sort on 16 bits.
+    order = np.argsort(
+        blocks.astype(np.uint16) if len(unique_templates) < 65536 * _BLOCK_ROWS else blocks, kind="stable"
+    )
     low, high = low[order], high[order]
     scores = np.empty(len(order), dtype=np.float64)
-    bounds = np.searchsorted(low, np.arange(0, len(unique_templates) + _BLOCK_ROWS, _BLOCK_ROWS))
+    bounds = np.searchsorted(blocks[order], np.arange(len(unique_templates) // _BLOCK_ROWS + 2))
     for block, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if lo == hi:
             continue
         row0 = block * _BLOCK_ROWS
-        columns, inverse = np.unique(high[lo:hi], return_inverse=True)
-        first, last = int(columns[0]), int(columns[-1]) + 1
+        partners = high[lo:hi]
+        first = int(partners.min())
+        seen = np.zeros(int(partners.max()) + 1 - first, dtype=bool)
+        seen[partners - first] = True
         rows = template_feats[row0 : row0 + _BLOCK_ROWS]
-        if 2 * len(columns) >= last - first:  # dense enough: multiply the whole column range
-            products = rows @ template_feats[first:last].T
-            picked = products[low[lo:hi] - row0, high[lo:hi] - first]
-        else:
-            products = rows @ template_feats[columns].T
-            picked = products[low[lo:hi] - row0, inverse]
+        if 2 * np.count_nonzero(seen) >= len(seen):  # dense enough: multiply the whole column range
+            products = rows @ template_feats[first : first + len(seen)].T
+            picked = products[low[lo:hi] - row0, partners - first]
+        else:  # only the partner columns, numbered by a running count of the seen ones
+            products = rows @ template_feats[first + np.flatnonzero(seen)].T
+            picked = products[low[lo:hi] - row0, np.cumsum(seen)[partners - first] - 1]
         scores[order[lo:hi]] = picked
     return scores
 
 
 def _template_index(unique_templates: np.ndarray, ids: np.ndarray, name: str) -> np.ndarray:
+    """Row of each id in the sorted `unique_templates`: a lookup table when ids are small, else a search."""
     ids = np.asarray(ids, dtype=np.int64)
-    where = np.minimum(np.searchsorted(unique_templates, ids), len(unique_templates) - 1)
-    bad = np.flatnonzero(unique_templates[where] != ids)
+    low, high = int(unique_templates[0]), int(unique_templates[-1])
+    if high - low < 64 * len(unique_templates) + (1 << 20):
+        table = np.full(high - low + 2, -1, dtype=np.int64)  # the last slot answers every id out of range
+        table[unique_templates - low] = np.arange(len(unique_templates))
+        offset = ids - low
+        offset[(offset < 0) | (offset > high - low)] = high - low + 1
+        where = table[offset]
+        bad = np.flatnonzero(where < 0)
+    else:
+        where = np.minimum(np.searchsorted(unique_templates, ids), len(unique_templates) - 1)
+        bad = np.flatnonzero(unique_templates[where] != ids)
     if bad.size:
         raise FembError(f"{name}: pair {bad[0]} names template {ids[bad[0]]}, which has no image")
     return where
@@ -771,10 +785,12 @@ def evaluate_ijb(
     *,
     normalize_images: bool = False,
     use_faceness: bool = True,
+    arrays: bool = False,
 ) -> dict[str, Any]:
     """1:1 (and 1:N when the release has its files) metrics of a release's image features, JSON-ready.
 
-    The per-pair arrays are left out; call `evaluate_1v1` for scores and the ROC.
+    The per-pair arrays (`scores`, `fpr`, `tpr`, `thresholds` of `evaluate_1v1`) are left out of `1v1`
+    unless `arrays`, which keeps them (numpy, not JSON) for plots and quality curves.
     """
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] != len(dataset.images):
@@ -794,7 +810,7 @@ def evaluate_ijb(
     )
     result: dict[str, Any] = {
         "name": dataset.name,
-        "1v1": {k: v for k, v in one.items() if not isinstance(v, np.ndarray)},
+        "1v1": one if arrays else {k: v for k, v in one.items() if not isinstance(v, np.ndarray)},
     }
     if dataset.has_1vn:
         pooled = {}
