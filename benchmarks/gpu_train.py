@@ -1,14 +1,20 @@
-"""Training throughput and model FLOP utilisation (MFU) of iresnet50 + ArcFace on one CUDA GPU; prints JSON.
+"""Training throughput and model FLOP utilisation (MFU) of a backbone + ArcFace on one CUDA GPU; prints JSON.
 
     python benchmarks/gpu_train.py                       # CUDA: about 1-2 minutes on an H200
     python benchmarks/gpu_train.py --compile             # adds a torch.compile'd run (+1-2 minutes)
+    python benchmarks/gpu_train.py --backbone vit_t      # a ViT (also vit_s, vit_b) with its AdamW recipe
     python benchmarks/gpu_train.py --device cpu --tiny   # every code path on CPU at toy sizes, in seconds
+    python benchmarks/gpu_train.py --device cpu --tiny --backbone vit_t   # the ViT code path on CPU
 
 Without a CUDA device (and without --device cpu) it prints {"skipped": "no CUDA device"} and exits 0.
 Defaults: iresnet50, ArcFace over 93,431 identities (MS1MV2), batch 256, bf16-mixed, channels_last,
 SGD (momentum 0.9, weight decay 5e-4) with the per-step poly schedule and norm clipping at 5 as
-`femb train` sets them. Each run builds a fresh FaceRecognitionModule (seeded) and times
-`--steps` steps after `--warmup` steps, between torch.cuda.synchronize() calls.
+`femb train` sets them. A ViT (`--backbone vit_t|vit_s|vit_b|...`) trains with arcface_torch's ViT
+recipe instead: AdamW, lr 1e-3, weight decay 0.1 (none on the position embedding and mask token),
+NCHW (channels_last does not apply), masking and drop path at the registry's defaults;
+`--gradient-checkpointing` recomputes each block as arcface_torch does for vit_b/l/h. Each run
+builds a fresh FaceRecognitionModule (seeded) and times `--steps` steps after `--warmup` steps,
+between torch.cuda.synchronize() calls.
 
 synthetic: random tensors already on the device, one run per variant:
     lightning             FaceRecognitionModule under a Lightning Trainer, as `femb train` runs it
@@ -17,6 +23,8 @@ synthetic: random tensors already on the device, one run per variant:
     eager_cudnn_benchmark the plain loop with torch.backends.cudnn.benchmark = True;
     eager_no_label_check  as eager_cudnn_benchmark, minus the head's label range check (its
                           `bool(bad.any())` waits for the GPU once per step);
+    eager_explicit_attention  (a ViT's default baseline) as eager_cudnn_benchmark with the attention
+                          written out as arcface_torch does, instead of scaled_dot_product_attention;
     compiled              (--compile) as eager_cudnn_benchmark with the backbone torch.compile'd;
                           `warmup_seconds` includes compilation.
 loader: `femb synth` demo faces (--images) converted by `femb convert` into a temporary directory,
@@ -25,7 +33,11 @@ loader: `femb synth` demo faces (--images) converted by `femb convert` into a te
     then the loader alone (no training) to show its ceiling. Demo epochs are short (images / batch
     steps), so epoch starts, where each worker refills its shuffle buffer, weigh more than on MS1MV2.
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + loss + backward of backbone and
-head at the benchmark batch (convolutions and matmuls, as MFU counts them); MFU = FLOPs per step x
+head at the benchmark batch (convolutions and matmuls, as MFU counts them). A ViT is counted with its
+attention written out (softmax(QK^T/sqrt(d))V: the same FLOPs as the fused kernel, which the counter
+misses on a CPU and whose recomputation in backward is not model work); the counted forward is a
+training one, so masked tokens cost nothing, and the JSON adds the analytic eval forward over all 144
+tokens (`femb.backbones.vit.vit_forward_flops`) beside it. MFU = FLOPs per step x
 steps per second / the device's peak dense bf16 FLOP/s (looked up by device name; --peak-tflops).
 Progress goes to stderr, the JSON to stdout.
 """
@@ -56,7 +68,17 @@ if TYPE_CHECKING:  # imported lazily, so that a machine without CUDA only prints
 
 Batch = tuple[Tensor, Tensor]
 MS1MV2_IDENTITIES = 93_431
-VARIANTS = ("lightning", "eager", "eager_cudnn_benchmark", "eager_no_label_check", "compiled")
+VARIANTS = (
+    "lightning",
+    "eager",
+    "eager_cudnn_benchmark",
+    "eager_no_label_check",
+    "eager_explicit_attention",
+    "compiled",
+)
+VARIANT_DEFAULT = (
+    "lightning,eager,eager_cudnn_benchmark,eager_no_label_check"  # + explicit attention for a ViT
+)
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from NVIDIA's datasheets, matched in order against
 # the lower-cased device name; the first match wins.
@@ -133,11 +155,11 @@ def build_module(
         head=args.header,
         channels_last=args.channels_last,
         compile=compile,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     partial_fc = PartialFCParams(enabled=args.sample_rate < 1.0, sample_rate=args.sample_rate)
-    module = FaceRecognitionModule(
-        args.num_classes, model, OptimParams(lr=args.lr, warmup_steps=0), partial_fc
-    )
+    optim = OptimParams(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=0)
+    module = FaceRecognitionModule(args.num_classes, model, optim, partial_fc)
     if partial_fc.enabled:
         module.build_partial_fc()  # one process: Lightning's setup would do this
     return module.to(device)
@@ -155,13 +177,16 @@ class EagerStep:
         label_check: bool = True,
     ) -> None:
         from femb.training.module import input_dtype, prepare_batch
-        from femb.training.optim import build_optimizer
+        from femb.training.optim import build_optimizer, no_weight_decay_names
 
         self.prepare = prepare_batch  # what FaceRecognitionModule.on_after_batch_transfer does
         self.module = module.train()
         self.clip = args.gradient_clip
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(self.params, module.optim, total_steps)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # as configure_optimizers
+        self.params = [p for _, p in named]
+        self.optimizer, self.scheduler = build_optimizer(
+            named, module.optim, total_steps, no_weight_decay_names(module)
+        )
         self.dtype = input_dtype(module.backbone)
         self.autocast: Callable[[], Any] = nullcontext
         if args.precision == "bf16-mixed":
@@ -194,21 +219,43 @@ class EagerStep:
         self.scheduler.step()
 
 
+def _attentions(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ViT attention layers of a module (none for a CNN)."""
+    from femb.backbones.vit import Attention
+
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
 def count_flops(step: EagerStep, images: Tensor, labels: Tensor) -> dict[str, float]:
-    """FLOPs of one forward + loss + backward (no optimizer step), and of the backbone forward per image."""
+    """FLOPs of one forward + loss + backward (no optimizer step), and of the backbone forward per image.
+
+    A ViT's attention is counted written out (the fused kernels' FLOPs, which the CPU counter misses).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        loss = step.loss(images, labels)
-        loss.backward()
-    step.optimizer.zero_grad(set_to_none=True)
-    total = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), step.autocast():
-        step.module(images)
-    return {
+    from femb.backbones.vit import VisionTransformer, vit_forward_flops
+
+    attentions = _attentions(step.module)
+    for attention in attentions:
+        attention.fused = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss = step.loss(images, labels)
+            loss.backward()
+        step.optimizer.zero_grad(set_to_none=True)
+        total = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), step.autocast():
+            step.module(images)
+    finally:
+        for attention in attentions:
+            attention.fused = True
+    counted = {
         "flops_per_step": float(total),
         "backbone_forward_gflops_per_image": counter.get_total_flops() / images.shape[0] / 1e9,
     }
+    if isinstance(step.module.backbone, VisionTransformer):
+        counted["analytic_backbone_forward_gflops_per_image"] = vit_forward_flops(step.module.backbone) / 1e9
+    return counted
 
 
 def make_pool(args: argparse.Namespace, device: torch.device) -> list[Batch]:
@@ -344,6 +391,9 @@ def synthetic_section(
             timing = run_lightning(args, device, pool)
         else:
             module = build_module(args, device, compile=variant == "compiled")
+            if variant == "eager_explicit_attention":  # the official softmax(QK^T/sqrt(d))V, no fused kernel
+                for attention in _attentions(module):
+                    attention.fused = False
             step = EagerStep(module, args, device, total, label_check=variant != "eager_no_label_check")
             timing = timed_loop(step, cycle(pool), args.warmup, args.steps, device)
             del step, module
@@ -446,8 +496,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default="cuda", help="cuda (default), cuda:N, or cpu for a code-path check"
     )
-    parser.add_argument("--tiny", action="store_true", help="toy sizes (iresnet_tiny, batch 16, 3 steps)")
-    parser.add_argument("--backbone", default="iresnet50")
+    parser.add_argument(
+        "--tiny", action="store_true", help="toy sizes (batch 16, 3 steps; iresnet_tiny unless --backbone)"
+    )
+    parser.add_argument("--backbone", default=None, help="iresnet50 (default), vit_t, vit_s, vit_b, ...")
     parser.add_argument("--header", default="arcface")
     parser.add_argument("--num-classes", type=int, default=MS1MV2_IDENTITIES, help="synthetic section")
     parser.add_argument("--sample-rate", type=float, default=1.0, help="partial FC sample rate; 1 = full FC")
@@ -456,7 +508,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"))
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW")
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--optimizer", choices=("sgd", "adamw"), default=None, help="default: adamw for a ViT"
+    )
+    parser.add_argument("--lr", type=float, default=None, help="default: 0.1 (SGD), 1e-3 (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (SGD), 0.1 (AdamW)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     parser.add_argument("--gradient-clip", type=float, default=5.0, help="clip-by-norm value; 0 disables")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing (compilation included)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per synthetic variant")
@@ -465,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=10, help="loader worker processes")
     parser.add_argument(
         "--variants",
-        default="lightning,eager,eager_cudnn_benchmark,eager_no_label_check",
+        default=VARIANT_DEFAULT,
         help=f"comma-separated synthetic variants, of {', '.join(VARIANTS)}",
     )
     parser.add_argument("--compile", action="store_true", help="add the 'compiled' variant")
@@ -475,8 +532,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's; --tiny: 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.backbone is None:
+        args.backbone = "iresnet_tiny" if args.tiny else "iresnet50"
+    vit = args.backbone.startswith("vit_")
+    if vit:
+        args.channels_last = False  # a ViT's convolution is one patch embedding: NCHW
+    args.optimizer = args.optimizer or ("adamw" if vit else "sgd")
+    if args.lr is None:
+        args.lr = 1e-3 if args.optimizer == "adamw" else 0.1
+    if args.weight_decay is None:
+        args.weight_decay = 0.1 if args.optimizer == "adamw" else 5e-4
     if args.tiny:
-        args.backbone, args.num_classes, args.batch_size = "iresnet_tiny", 1000, 16
+        args.num_classes, args.batch_size = 1000, 16
         args.warmup, args.steps, args.loader_steps = 1, 3, 3
         args.images, args.num_workers = 400, min(args.num_workers, 2)
         args.threads = args.threads or 1
@@ -486,6 +553,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.compile and "compiled" not in variants:
         variants.append("compiled")
+    if vit and "eager_explicit_attention" not in variants and args.variants == VARIANT_DEFAULT:
+        variants.append("eager_explicit_attention")  # the baseline beside the fused attention
+    if not vit and "eager_explicit_attention" in variants:
+        parser.error("--variants: eager_explicit_attention needs a ViT backbone")
     if args.sample_rate < 1.0 and "eager_no_label_check" in variants:
         variants.remove("eager_no_label_check")  # partial FC has its own checks and syncs
     args.variants = variants
@@ -532,6 +603,10 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "channels_last": args.channels_last,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "gradient_clip": args.gradient_clip,
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
@@ -541,6 +616,10 @@ def main(argv: list[str] | None = None) -> None:
         "peak_source": peak_source,
         "mfu_target": 0.40,
     }
+    if "analytic_backbone_forward_gflops_per_image" in counted:
+        result["analytic_backbone_forward_gflops_per_image"] = round(
+            counted["analytic_backbone_forward_gflops_per_image"], 3
+        )
     if not args.skip_synthetic:
         result["synthetic"] = synthetic_section(args, device, args.variants, flops, peak)
         best = max(result["synthetic"].values(), key=lambda r: r["images_per_sec"])

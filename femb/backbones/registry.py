@@ -10,6 +10,7 @@ from torch import nn
 
 from femb.backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200, iresnet_tiny
 from femb.backbones.mobilefacenet import mobilefacenet, mobilefacenet_large
+from femb.backbones.vit import vit_b, vit_h, vit_l, vit_micro, vit_s, vit_t
 from femb.errors import FembError
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
@@ -21,6 +22,12 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "iresnet_tiny": iresnet_tiny,
     "mobilefacenet": mobilefacenet,
     "mobilefacenet_large": mobilefacenet_large,
+    "vit_t": vit_t,
+    "vit_s": vit_s,
+    "vit_b": vit_b,
+    "vit_l": vit_l,
+    "vit_h": vit_h,
+    "vit_micro": vit_micro,
 }
 
 # arcface_torch `get_model` names.
