@@ -16,15 +16,15 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
 import numpy as np
 
-from femb.errors import FembError
-from femb.io import atomic_path, write_text
+from femb.errors import FembError, short_repr
+from femb.io import atomic_path, named_os_error, write_text, write_to
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -32,6 +32,7 @@ LENGTH_MASK = (1 << 29) - 1
 IR_FORMAT = struct.Struct("<IfQQ")
 IR_SIZE = IR_FORMAT.size  # 24
 _FRAME = struct.Struct("<II")
+MAX_CLASSES = 1 << 24  # IRHeader labels are float32: every class id below this is exact
 
 
 class IRHeader(NamedTuple):
@@ -283,9 +284,25 @@ class RecordWriter:
     def write(self, key: int, payload: bytes | memoryview) -> None:
         """Append one record (a full payload, e.g. from `pack`) and its `key\\toffset` line."""
         framed = frame_record(payload)
-        self._idx.write(f"{int(key)}\t{self._pos}\n")
-        self._rec.write(framed)
+        write_to(self._idx, f"{int(key)}\t{self._pos}\n", self.idx_path)
+        write_to(self._rec, framed, self.rec_path)
         self._pos += len(framed)
+
+    def write_framed(self, keys: np.ndarray, lengths: np.ndarray, framed: bytes | memoryview) -> None:
+        """Append records already framed (`frame_record` outputs back to back, `lengths` bytes each) and their .idx lines.
+
+        `framed` is any buffer (bytes, a memoryview, a pyarrow Buffer); it is written as it is.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        size = memoryview(framed).nbytes
+        if keys.shape != lengths.shape or int(lengths.sum()) != size:
+            raise ValueError(f"{keys.size} keys and {int(lengths.sum())} framed bytes for a block of {size}")
+        offsets = self._pos + np.cumsum(lengths) - lengths
+        lines = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist()))
+        write_to(self._idx, lines, self.idx_path)
+        write_to(self._rec, framed, self.rec_path)
+        self._pos += size
 
     def tell(self) -> int:
         """Offset the next record will start at."""
@@ -293,18 +310,27 @@ class RecordWriter:
 
     def close(self) -> None:
         """Finish both files and move them to their final names."""
-        if self._rec.closed:
+        if self._rec.closed and self._idx.closed:
             return
-        self._rec.close()
-        self._idx.close()
+        for file, path in ((self._rec, self.rec_path), (self._idx, self.idx_path)):
+            try:
+                file.close()  # flushes the buffer: where a full disk shows
+            except OSError as err:
+                self.abort()
+                named = named_os_error(err, path)
+                if named is err:
+                    raise
+                raise named from err
         self._outputs.close()
 
     def abort(self) -> None:
-        """Drop what was written: remove both temporary files."""
-        self._rec.close()
-        self._idx.close()
-        aborted = _Aborted()
-        self._outputs.__exit__(_Aborted, aborted, None)  # the atomic paths see a failure: nothing is renamed
+        """Drop what was written: remove both temporary files (even when closing them fails, as on a full disk)."""
+        try:
+            for file in (self._rec, self._idx):
+                with suppress(OSError):  # the error being handled already says what went wrong
+                    file.close()
+        finally:  # the atomic paths see a failure: nothing is renamed
+            self._outputs.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self) -> RecordWriter:
         return self
@@ -363,7 +389,12 @@ class InsightFaceRecords:
             values = ()
         if len(values) != 3 or min(values) <= 0:
             raise FembError(
-                f"{path}: expected 'num_classes,height,width' (three positive integers), got {text!r}"
+                f"{path}: expected 'num_classes,height,width' (three positive integers), got {short_repr(text)}"
+            )
+        if values[0] > MAX_CLASSES:
+            raise FembError(
+                f"{path}: says {values[0]:,} classes, but RecordIO labels are float32, exact for at most "
+                f"{MAX_CLASSES:,} classes (2^24); correct the class count (the largest label + 1)"
             )
         return values  # type: ignore[return-value]
 
