@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from femb.cli import main
-from femb.data import layout
+from femb.data import image_shards, layout
 from femb.data.align import ARCFACE_TEMPLATE
 from femb.data.convert import convert, detect_source_kind
 from femb.data.images import ImageOptions, prepare_image
@@ -106,10 +106,11 @@ def test_lossless_stores_png_pixels_exactly(folder: tuple, tmp_path: Path) -> No
     assert np.array_equal(decode(stored), decode(files["alice/a1.png"]))
 
 
-def test_rerun_is_noop_and_parallel_equals_serial(folder: tuple, tmp_path: Path) -> None:
+def test_rerun_is_noop_and_parallel_equals_serial(folder: tuple, tmp_path: Path, monkeypatch) -> None:
     root, _ = folder
     one = convert(root, tmp_path / "one", progress=False, workers=1, shard_size_mb=0.01)
     assert len(one["shards"]) > 1
+    monkeypatch.setattr(image_shards, "_INLINE_SECONDS", 0.0)  # even cheap photos go to the workers
     two = convert(root, tmp_path / "two", progress=False, workers=2, shard_size_mb=0.01)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
     manifest = layout.manifest_path(tmp_path / "one")

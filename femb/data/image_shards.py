@@ -19,7 +19,8 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from femb.parallel import Report, imap_tasks, report_progress
 
 IDENTITIES = "identities.csv"  # label,identity: the names behind the labels
 CHUNK_IMAGES = 256  # photos a worker prepares per task
+_INLINE_SECONDS = 2e-4  # per photo: below this, preparing costs less than a round trip to a worker
 _BYTES_PER_PIXEL = {"jpeg": 0.65, "png": 2.0}  # expected stored size of a re-encoded face crop, for the plan
 _FOOTER_EXTRA = ("rows", "skipped", "verified")  # footer entries known only after writing
 
@@ -218,7 +220,7 @@ def write_image_shards(
     results: list[dict[str, Any]] = []
     images: list[bytes | None] = []
     skipped: list[dict] = []
-    for number, (prepared, skipped_here) in enumerate(imap_tasks(prepare_chunk, chunks, workers, bar)):
+    for number, (prepared, skipped_here) in enumerate(_prepared_chunks(chunks, workers, bar)):
         images += prepared
         skipped += skipped_here
         task = tasks[owner[number]]
@@ -226,6 +228,22 @@ def write_image_shards(
             results.append(_write_shard(out / task.file, task, images, skipped, verify))
             images, skipped = [], []
     return results
+
+
+def _prepared_chunks(chunks: Sequence[Chunk], workers: int, bar: tqdm) -> Iterator[tuple[list, list]]:
+    """Prepared chunks in order: the first in this process, the rest on `workers` processes when it paid.
+
+    Photos kept as they are (aligned JPEGs) cost less to prepare than to send between processes, so a
+    first chunk faster than `_INLINE_SECONDS` a photo keeps the rest in this process too.
+    """
+    if not chunks:
+        return
+    started = time.perf_counter()
+    first = prepare_chunk(chunks[0], bar.update)
+    if time.perf_counter() - started < _INLINE_SECONDS * len(chunks[0].items):
+        workers = 1
+    yield first
+    yield from imap_tasks(prepare_chunk, chunks[1:], workers, bar)
 
 
 def write_identities(out: Path, identities: Sequence[str]) -> Path:
