@@ -239,9 +239,18 @@ def test_metrics_json_holds_each_set_and_the_mean_accuracy(evaluated):
     assert [p.name for p in output.parent.iterdir()] == ["eval.json"]  # no temporary file left behind
 
 
-def test_plots_are_a_png_and_one_roc_csv_per_set(evaluated):
+def test_plots_are_pngs_and_roc_evr_quality_csvs_per_set(evaluated):
     plots = evaluated["plots"]
-    assert sorted(p.name for p in plots.iterdir()) == ["roc.png", "roc_cfp_fp.csv", "roc_lfw.csv"]
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "evr.png",
+        "evr_cfp_fp.csv",
+        "evr_lfw.csv",
+        "quality_cfp_fp.csv",
+        "quality_lfw.csv",
+        "roc.png",
+        "roc_cfp_fp.csv",
+        "roc_lfw.csv",
+    ]
     with Image.open(plots / "roc.png") as png:
         assert png.format == "PNG" and png.width > 100
     with open(plots / "roc_lfw.csv", newline="") as f:
@@ -344,3 +353,228 @@ def test_two_sets_with_one_name_are_refused(weights, sets, tmp_path):
     with pytest.raises(FembError) as excinfo:
         run_evaluate(weights, [sets["bin"], sets["parquet"]], tmp_path / "m.json")
     assert_one_line_error(excinfo, "second set named 'lfw'")
+
+
+# ---------------------------------------------------------------- IJB releases, quality and EVR outputs
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    """tests/test_ijb.py's tiny IJB-C release: 6 crops in 3 templates, 5 template pairs, 1:N files."""
+    from tests.test_ijb import write_release
+
+    return write_release(tmp_path_factory.mktemp("ijb") / "IJBC")
+
+
+@pytest.fixture(scope="module")
+def ijb_evaluated(weights, sets, release, tmp_path_factory) -> dict:
+    """`femb evaluate RELEASE lfw.bin` through the CLI, with plots and a feature cache."""
+    from femb.cli import main
+
+    root = tmp_path_factory.mktemp("ijb-evaluate")
+    output, plots, cache = root / "eval.json", root / "plots", root / "cache"
+    argv = ["evaluate", "--weights", str(weights), str(release), str(sets["bin"]), "-o", str(output)]
+    assert main([*argv, "--plots", str(plots), "--ijb-cache", str(cache), "--batch-size", "64"]) == 0
+    return {"metrics": json.loads(output.read_text()), "plots": plots, "cache": cache}
+
+
+def cached_features(cache: Path) -> np.ndarray:
+    (path,) = cache.glob("ijbc-*.npy")
+    return np.load(path)
+
+
+def test_cli_evaluates_an_ijb_release_beside_a_pair_set(ijb_evaluated, evaluated):
+    from femb.evaluation.ijb import FAR_TARGETS
+    from femb.evaluation.verification import far_key
+
+    metrics = ijb_evaluated["metrics"]
+    assert list(metrics) == ["IJBC", "lfw", "mean_accuracy"]
+    assert metrics["mean_accuracy"] == metrics["lfw"]["accuracy"]  # IJB has no accuracy
+    for key in ("accuracy", "accuracy_std", "tar_at_far", "num_pairs"):  # as without the IJB set
+        assert metrics["lfw"][key] == evaluated["returned"]["lfw"][key], key
+    assert metrics["lfw"]["xnorm"] == pytest.approx(evaluated["returned"]["lfw"]["xnorm"], rel=1e-6)
+    ijb = metrics["IJBC"]
+    keys = [far_key(f) for f in FAR_TARGETS]
+    assert list(ijb["tar_at_far"]) == list(ijb["tar_at_far_interpolated"]) == keys
+    assert list(ijb["threshold_at_far"]) == keys and 0.0 <= ijb["auc"] <= 1.0
+    assert (ijb["num_pairs"], ijb["num_same"], ijb["num_diff"], ijb["num_images"]) == (5, 2, 3, 6)
+    assert ijb["far_below_resolution"] == keys  # 3 impostor pairs resolve no FAR below 1/3
+    assert {"rank_1", "rank_5", "rank_10", "tpir_at_fpir"} <= set(ijb["1vn"])
+    assert ijb["quality"]["fmr"] == 1e-4 and metrics["lfw"]["quality"]["fmr"] == 1e-3
+    assert set(ijb["quality"]["fnmr_at_reject"]) == {"0", "0.1", "0.2", "0.3", "0.4", "0.5"}
+
+
+def test_ijb_outputs_are_roc_evr_and_per_image_quality_files(ijb_evaluated, release):
+    from femb.evaluation.ijb import read_ijb
+
+    plots = ijb_evaluated["plots"]
+    assert {"roc_IJBC.csv", "evr_IJBC.csv", "quality_IJBC.csv", "roc.png", "evr.png"} <= {
+        p.name for p in plots.iterdir()
+    }
+    for png in ("roc.png", "evr.png"):
+        with Image.open(plots / png) as image:
+            assert image.format == "PNG" and image.width > 100
+    roc = read_csv(plots / "roc_IJBC.csv")
+    assert (float(roc[0]["fpr"]), float(roc[-1]["fpr"]), float(roc[-1]["tpr"])) == (0.0, 1.0, 1.0)
+    evr = read_csv(plots / "evr_IJBC.csv")
+    assert list(evr[0]) == ["reject_fraction", "fnmr"] and len(evr) == 51
+    assert float(evr[-1]["reject_fraction"]) == 0.5
+    rows = read_csv(plots / "quality_IJBC.csv")
+    data = read_ijb(release)
+    assert [r["image"] for r in rows] == list(data.images)
+    assert [int(r["template"]) for r in rows] == data.templates.tolist()
+    norms = np.linalg.norm(cached_features(ijb_evaluated["cache"]).astype(np.float64), axis=1)
+    np.testing.assert_allclose([float(r["quality"]) for r in rows], norms, rtol=1e-5)
+
+
+def test_pair_set_quality_is_the_flip_sum_norm_and_evr_follows_it(embedded, evaluated):
+    from femb.evaluation.quality import error_versus_reject
+
+    pair_set, emb, emb_flip = embedded
+    summed = (emb + emb_flip).astype(np.float64)
+    rows = read_csv(evaluated["plots"] / "quality_lfw.csv")
+    assert [(r["pair"], r["side"]) for r in rows[:3]] == [("0", "left"), ("0", "right"), ("1", "left")]
+    norms = np.linalg.norm(summed, axis=1)
+    np.testing.assert_allclose([float(r["quality"]) for r in rows], norms, rtol=1e-5)
+    unit = summed / norms[:, None]
+    scores = np.sum(unit[0::2] * unit[1::2], axis=1)
+    expected = error_versus_reject(scores, pair_set.is_same, np.minimum(norms[0::2], norms[1::2]))
+    evr = read_csv(evaluated["plots"] / "evr_lfw.csv")
+    np.testing.assert_allclose([float(r["fnmr"]) for r in evr], expected.fnmr, atol=1e-7)
+    quality = evaluated["returned"]["lfw"]["quality"]
+    assert quality["auc"] == pytest.approx(expected.auc) and quality["image"]["mean"] == pytest.approx(
+        norms.mean(), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "normalize", "faceness"),
+    [(["--ijb-normalize-images"], True, True), (["--ijb-no-faceness"], False, False)],
+)
+def test_ijb_mode_flags_give_evaluate_ijbs_numbers(
+    ijb_evaluated, weights, release, tmp_path, flags, normalize, faceness
+):
+    from femb.cli import main
+    from femb.evaluation.ijb import evaluate_ijb, read_ijb
+
+    output = tmp_path / "mode.json"
+    argv = ["evaluate", "--weights", str(weights), str(release), "-o", str(output)]
+    assert main([*argv, "--ijb-cache", str(ijb_evaluated["cache"]), *flags]) == 0
+    got = json.loads(output.read_text())["IJBC"]
+    features = cached_features(ijb_evaluated["cache"])
+    expected = evaluate_ijb(read_ijb(release), features, normalize_images=normalize, use_faceness=faceness)
+    default = ijb_evaluated["metrics"]["IJBC"]
+    for key in ("tar_at_far", "tar_at_far_interpolated", "threshold_at_far", "auc"):
+        assert got[key] == expected["1v1"][key], key
+    assert got["1vn"] == expected["1vn"]
+    assert (got["normalize_images"], got["use_faceness"]) == (normalize, faceness)
+    # The mode changes the template features, so the impostor scores and the EVR threshold move.
+    assert got["quality"]["threshold"] != default["quality"]["threshold"]
+    assert got["1vn"]["threshold_at_fpir"] != default["1vn"]["threshold_at_fpir"]
+    assert got["quality"]["image"] == default["quality"]["image"]  # quality is the raw norm, in any mode
+
+
+def test_cached_ijb_features_are_rescored_without_reading_a_crop(weights, tmp_path, capsys):
+    import shutil
+
+    from femb.cli import main
+    from tests.test_ijb import write_release
+
+    root = write_release(tmp_path / "IJBC")
+    argv = ["evaluate", "--weights", str(weights), str(root), "-o", str(tmp_path / "a.json")]
+    assert main([*argv, "--ijb-cache", str(tmp_path / "cache")]) == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    for crop in (root / "loose_crop").iterdir():  # same names and sizes, nothing decodable left
+        crop.write_bytes(bytes(crop.stat().st_size))
+    assert main([*argv, "--ijb-cache", str(tmp_path / "cache")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text()) == first
+    capsys.readouterr()
+    assert main([*argv, "--no-ijb-cache"]) == 1  # embedding afresh would have needed the crops
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot read image" in err, err
+    shutil.rmtree(tmp_path / "cache")
+    assert main([*argv, "--ijb-cache", str(tmp_path / "cache")]) == 1
+
+
+def test_a_bad_ijb_directory_is_one_line_from_the_cli(weights, release, tmp_path, capsys):
+    import shutil
+
+    from femb.cli import main
+
+    (tmp_path / "notijb").mkdir()
+    output = tmp_path / "m.json"
+    argv = ["evaluate", "--weights", str(weights), "--no-ijb-cache", "-o", str(output)]
+    assert main([*argv, str(tmp_path / "notijb")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("femb evaluate: ") and "\n" not in err
+    assert str(tmp_path / "notijb" / "meta") in err and "expected an IJB release" in err
+    broken = shutil.copytree(release, tmp_path / "IJBC")
+    (broken / "meta" / "ijbc_template_pair_label.txt").write_text("1 2 0\n1 3 7\n")
+    assert main([*argv, str(broken)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "ijbc_template_pair_label.txt:2: label 7 is not 0 or 1" in err and "\n" not in err
+    assert not output.exists()
+
+
+def test_evaluate_stage_runs_pair_sets_and_ijb_releases_from_params(weights, sets, release, tmp_path):
+    import shutil
+
+    from femb.config import parse_params
+    from stages.evaluate import main as stage
+
+    (tmp_path / "run").mkdir()
+    shutil.copy(weights, tmp_path / "run" / "backbone.pth")
+    evaluate = {"sets": [str(sets["parquet"])], "batch_size": 64, "ijb_cache": str(tmp_path / "cache")}
+    raw = {"backbone": "mbf", "train": {"out_dir": str(tmp_path / "run")}}
+    params = parse_params({**raw, "evaluate": {**evaluate, "ijb": [str(release)]}})
+    outs = [str(tmp_path / name) for name in ("eval.json", "roc", "evr", "quality")]
+    stage(params, outs)
+    assert set(json.loads((tmp_path / "eval.json").read_text())) == {"lfw", "IJBC", "mean_accuracy"}
+    listed = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("roc", "evr", "quality")}
+    assert listed == {
+        "roc": ["roc.png", "roc_IJBC.csv", "roc_lfw.csv"],
+        "evr": ["evr.png", "evr_IJBC.csv", "evr_lfw.csv"],
+        "quality": ["quality_IJBC.csv", "quality_lfw.csv"],
+    }
+    assert len(list((tmp_path / "cache").glob("ijbc-*.npy"))) == 1
+    absent = parse_params({**raw, "evaluate": {**evaluate, "ijb": [str(tmp_path / "absent")]}})
+    with pytest.raises(FembError, match=r"^params.yaml: evaluate.ijb: .*absent is not a directory"):
+        stage(absent, outs)
+
+
+def test_model_card_shows_ijb_tar_and_rank1_and_export_accepts_such_metrics(ijb_evaluated, tmp_path, capsys):
+    from femb.cli import main
+    from femb.export.model_card import render_model_card
+
+    metrics = ijb_evaluated["metrics"]
+    ijb = {
+        **metrics["IJBC"],
+        "tar_at_far": {**metrics["IJBC"]["tar_at_far"], "1e-05": 0.9123, "1e-04": 0.9456},
+    }
+    ijb["far_below_resolution"] = []
+    card = render_model_card({"backbone": "mbf"}, {**metrics, "IJBC": ijb})
+    lines = card.splitlines()
+    header = lines.index("## IJB (template 1:1 verification, 1:N identification)")
+    assert (
+        lines[header + 2]
+        == "| Set | TAR@FAR=1e-05 (%) | TAR@FAR=1e-04 (%) | Rank-1 (%) | Template pairs | Mode |"
+    )
+    rank1 = 100 * ijb["1vn"]["rank_1"]
+    assert f"| IJBC | 91.23 | 94.56 | {rank1:.2f} | 5 | F1 N1D1 |" in lines
+    assert "| lfw | " in card  # the pair-set table is still there
+    only_ijb = render_model_card({}, {"IJBC": metrics["IJBC"]})
+    assert "## Verification\n\nNot evaluated." in only_ijb and "| IJBC | " in only_ijb
+    assert "TAR at FAR 1e-05, 1e-04 lies below what some releases can measure." in only_ijb
+    # `femb export --metrics` takes a file with IJB entries (it fails later, on the missing weights).
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    argv = ["export", "--weights", str(tmp_path / "absent.pth"), "-o", str(tmp_path / "m.onnx")]
+    assert main([*argv, "--metrics", str(tmp_path / "m.json")]) == 1
+    assert "not a metrics file" not in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"IJBC": {"auc": 0.5}}))
+    assert main([*argv, "--metrics", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json: not a metrics file of femb evaluate" in capsys.readouterr().err

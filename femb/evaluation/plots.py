@@ -1,8 +1,9 @@
-"""ROC curves of verification sets: a downsampled CSV per set for `dvc plots`, and one PNG with all sets.
+"""ROC and error-versus-reject curves of evaluated sets: a CSV per set for `dvc plots`, one PNG of all sets.
 
-The PNG draws TAR against FAR on a log FAR axis, as face-recognition papers report verification
+The ROC PNG draws TAR against FAR on a log FAR axis, as face-recognition papers report verification
 (TAR@FAR = 1e-4 ... 1e-2 marked on each curve); the CSVs hold `fpr,tpr` rows that DVC plots with
-`x: fpr, y: tpr`. matplotlib runs through its Agg canvas only, with no pyplot state, so plotting
+`x: fpr, y: tpr`. The EVR PNG draws FNMR against the share of lowest-quality pairs discarded
+(`femb.evaluation.quality`), its CSVs `reject_fraction,fnmr` rows. matplotlib runs through its Agg canvas only, with no pyplot state, so plotting
 works on machines without a display and inside training processes.
 """
 
@@ -107,6 +108,58 @@ def plot_roc_curves(path: Path, curves: Mapping[str, Mapping[str, object]], titl
     axes.grid(True, which="major", alpha=0.3)
     if curves:
         axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def write_evr_csv(path: Path, reject_fraction: np.ndarray, fnmr: np.ndarray) -> Path:
+    """Write an error-versus-reject curve as CSV `reject_fraction,fnmr`, atomically (empty FNMR where undefined)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["reject_fraction", "fnmr"])
+    writer.writerows(
+        (f"{r:.6g}", f"{e:.8g}" if np.isfinite(e) else "") for r, e in zip(reject_fraction, fnmr)
+    )
+    write_bytes(Path(path), buffer.getvalue().encode())
+    return Path(path)
+
+
+def plot_evr_curves(
+    path: Path, curves: Mapping[str, Mapping[str, object]], title: str = "Error versus reject"
+) -> Path:
+    """Draw every set's FNMR against the fraction of lowest-quality pairs discarded into one PNG, atomically.
+
+    `curves[name]` holds "reject_fraction" and "fnmr" arrays, and optionally "fmr" and "auc" for the legend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 5.0), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    top = 0.0
+    for index, (name, curve) in enumerate(curves.items()):
+        fraction = np.asarray(curve["reject_fraction"], dtype=np.float64)
+        fnmr = np.asarray(curve["fnmr"], dtype=np.float64)
+        label = name
+        if "fmr" in curve:
+            label += f"  FNMR@FMR={float(curve['fmr']):.0e}"
+        if curve.get("auc") is not None and np.isfinite(float(curve["auc"])):
+            label += f"  AUC {float(curve['auc']):.4f}"
+        axes.plot(100 * fraction, fnmr, color=f"C{index % 10}", linewidth=1.4, label=label)
+        if np.isfinite(fnmr).any():
+            top = max(top, float(np.nanmax(fnmr)))
+    axes.set_xlim(0.0, 100 * max((float(np.max(c["reject_fraction"])) for c in curves.values()), default=0.5))
+    axes.set_ylim(0.0, max(top * 1.05, 1e-3))
+    axes.set_xlabel("lowest-quality pairs discarded (%)")
+    axes.set_ylabel("FNMR (false non-match rate)")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    if curves:
+        axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

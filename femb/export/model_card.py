@@ -1,8 +1,9 @@
 """A short Markdown model card beside an exported model (after Mitchell et al., "Model Cards", FAT* 2019).
 
 It says what the file is (backbone, head, training data fingerprint, precision, interface), how well
-it verifies (one table row per pair set, InsightFace protocol), how closely the ONNX graph matches
-PyTorch, and how to run it with onnxruntime.
+it verifies (one table row per pair set, InsightFace protocol; one per IJB-B/C release: TAR at FAR
+1e-5 and 1e-4 and rank-1), how closely the ONNX graph matches PyTorch, and how to run it with
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 from femb import __version__
 from femb.evaluation.verification import FAR_TARGETS, far_key
 from femb.io import write_text
+
+IJB_CARD_FARS = (1e-5, 1e-4)  # the columns IJB-C results are compared by (arcface_torch's table)
 
 _USAGE = """\
 ```python
@@ -69,7 +72,10 @@ def render_model_card(info: Mapping[str, Any], metrics: Mapping[str, Any] | None
         "## Verification",
         "",
     ]
-    lines += _metrics_table(metrics) if metrics else ["Not evaluated."]
+    lines += _metrics_table(metrics) if metrics and _pair_sets(metrics) else ["Not evaluated."]
+    if metrics and _releases(metrics):
+        lines += ["", "## IJB (template 1:1 verification, 1:N identification)", ""]
+        lines += _ijb_table(metrics)
     lines += ["", "## Export parity (onnxruntime CPU vs PyTorch float32)", ""]
     if "max_abs_diff" in info:
         lines += [
@@ -84,14 +90,52 @@ def render_model_card(info: Mapping[str, Any], metrics: Mapping[str, Any] | None
     return "\n".join(lines)
 
 
+def _pair_sets(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The pair-set entries of `run_evaluate`'s metrics: those with an accuracy."""
+    return {k: v for k, v in metrics.items() if isinstance(v, Mapping) and "accuracy" in v}
+
+
+def _releases(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The IJB entries of `run_evaluate`'s metrics: TAR@FAR without an accuracy."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, Mapping) and "accuracy" not in v and isinstance(v.get("tar_at_far"), Mapping)
+    }
+
+
+def _ijb_table(metrics: Mapping[str, Any]) -> list[str]:
+    """One row per IJB release: TAR at FAR 1e-5 and 1e-4 (official nearest-point rule), rank-1, pairs, mode."""
+    keys = [far_key(far) for far in IJB_CARD_FARS]
+    header = ["Set", *(f"TAR@FAR={k} (%)" for k in keys), "Rank-1 (%)", "Template pairs", "Mode"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    below: list[str] = []
+    for name, result in _releases(metrics).items():
+        tar = result["tar_at_far"]
+        one_n = result.get("1vn")
+        mode = ("N0" if result.get("normalize_images") else "N1") + (
+            "D0" if result.get("use_faceness") is False else "D1"
+        )
+        cells = [
+            name,
+            *(f"{100 * tar[k]:.2f}" if isinstance(tar.get(k), (int, float)) else "-" for k in keys),
+            f"{100 * one_n['rank_1']:.2f}" if isinstance(one_n, Mapping) and "rank_1" in one_n else "-",
+            str(result.get("num_pairs", "-")),
+            f"F1 {mode}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+        below += [k for k in keys if k in result.get("far_below_resolution", []) and k not in below]
+    if below:
+        rows.append(f"TAR at FAR {', '.join(below)} lies below what some releases can measure.")
+    return rows
+
+
 def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
     """One row per set: accuracy +- std (10 folds, flip-summed), TAR@FAR, AUC, EER, XNorm, pairs."""
     keys = [far_key(far) for far in FAR_TARGETS]
     header = ["Set", "Accuracy (%)", *(f"TAR@FAR={k} (%)" for k in keys), "AUC", "EER (%)", "XNorm", "Pairs"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, result in metrics.items():
-        if not isinstance(result, Mapping) or "accuracy" not in result:
-            continue
+    for name, result in _pair_sets(metrics).items():
         tar = result.get("tar_at_far", {})
         cells = [
             name,
@@ -105,9 +149,7 @@ def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
         rows.append("| " + " | ".join(cells) + " |")
     if "mean_accuracy" in metrics:
         rows += ["", f"Mean accuracy over the sets: {100 * metrics['mean_accuracy']:.2f}%."]
-    below = sorted(
-        {k for r in metrics.values() if isinstance(r, Mapping) for k in r.get("far_below_resolution", [])}
-    )
+    below = sorted({k for r in _pair_sets(metrics).values() for k in r.get("far_below_resolution", [])})
     if below:
         rows.append(f"TAR at FAR {', '.join(below)} lies below what some sets can measure (too few pairs).")
     return rows
