@@ -19,6 +19,9 @@ def _cmd_synth(args: argparse.Namespace) -> None:
         "identities": args.identities,
         "images_per_identity": args.images_per_identity,
         "pairs": args.pairs,
+        "loose_identities": args.loose_identities,
+        "loose_images_per_identity": args.loose_images_per_identity,
+        "ijb_subjects": args.ijb_subjects,
     }
     flags = {name: f"--{name.replace('_', '-')}" for name in (*sizes, "seed")}
     with argument_names(flags):
@@ -119,8 +122,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from femb.evaluation.evaluate import run_evaluate
+    from femb.evaluation.evaluate import default_ijb_cache, ijb_summary_line, run_evaluate
 
+    cache = None if args.no_ijb_cache else Path(args.ijb_cache) if args.ijb_cache else default_ijb_cache()
     metrics = run_evaluate(
         Path(args.weights),
         [Path(s) for s in args.sets],
@@ -129,10 +133,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         plots_dir=Path(args.plots) if args.plots else None,
+        ijb_normalize_images=args.ijb_normalize_images,
+        ijb_faceness=not args.ijb_no_faceness,
+        ijb_cache=cache,
     )
     for name, result in metrics.items():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "accuracy" in result:
             print(f"{name}: accuracy {100 * result['accuracy']:.2f}% +- {100 * result['accuracy_std']:.2f}")
+        elif isinstance(result, dict):
+            print(ijb_summary_line(name, result))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -146,10 +155,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         except (OSError, ValueError) as err:
             raise FembError(f"{args.metrics}: cannot read the metrics JSON ({err})") from None
         bad = not isinstance(metrics, dict) or any(
-            isinstance(v, dict) and not isinstance(v.get("accuracy"), (int, float)) for v in metrics.values()
+            isinstance(v, dict)
+            and not isinstance(v.get("accuracy"), (int, float))  # a pair set
+            and not isinstance(v.get("tar_at_far"), dict)  # an IJB release
+            for v in metrics.values()
         )
         if bad:
-            raise FembError(f"{args.metrics}: not a metrics file of femb evaluate (set -> accuracy, ...)")
+            raise FembError(
+                f"{args.metrics}: not a metrics file of femb evaluate (set -> accuracy or tar_at_far, ...)"
+            )
     info = export_onnx(
         Path(args.weights),
         Path(args.output),
@@ -182,10 +196,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a demo face dataset in the InsightFace layout")
-    p.add_argument("dir", help="output directory (train.rec/.idx/property and .bin pair sets)")
+    p.add_argument("dir", help="output directory (train.rec/.idx/property, .bin pair sets, loose/, IJBC/)")
     p.add_argument("--identities", type=int, default=None, help="training identities")
     p.add_argument("--images-per-identity", type=int, default=None, help="images per training identity")
     p.add_argument("--pairs", type=int, default=None, help="pairs per verification set")
+    p.add_argument(
+        "--loose-identities",
+        type=int,
+        default=None,
+        help="people of DIR/loose: loose 250x250 photos, landmarks.txt, LFW pairs.txt (default 20; 0: none)",
+    )
+    p.add_argument(
+        "--loose-images-per-identity", type=int, default=None, help="loose photos per person (default 5)"
+    )
+    p.add_argument(
+        "--ijb-subjects",
+        type=int,
+        default=None,
+        help="subjects of DIR/IJBC, a demo set in the IJB-C release layout (default 30; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
@@ -257,8 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("evaluate", help="InsightFace verification protocol on .bin / pair .parquet sets")
-    p.add_argument("sets", nargs="+", help="pair sets: InsightFace .bin files or pair .parquet files")
+    p = sub.add_parser(
+        "evaluate", help="InsightFace verification on .bin / pair .parquet sets and IJB-B/C releases"
+    )
+    p.add_argument(
+        "sets",
+        nargs="+",
+        help="pair sets (InsightFace .bin or pair .parquet files) and IJB-B/C release directories "
+        "(loose_crop/, meta/)",
+    )
     p.add_argument(
         "--weights", required=True, help="backbone.pth, model.pt, femb/Lightning checkpoint or .onnx"
     )
@@ -266,9 +302,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone", default=None, help="architecture (default: read from or inferred by the weights)"
     )
     p.add_argument("--output", "-o", required=True, help="metrics .json")
-    p.add_argument("--plots", default=None, help="directory for roc.png and roc_<set>.csv")
+    p.add_argument(
+        "--plots",
+        default=None,
+        help="directory for roc.png, evr.png and per set roc_<set>.csv, evr_<set>.csv, quality_<set>.csv",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--ijb-normalize-images",
+        action="store_true",
+        help="IJB: L2-normalise each image feature before pooling (eval_ijbc.py mode N0)",
+    )
+    p.add_argument(
+        "--ijb-no-faceness",
+        action="store_true",
+        help="IJB: do not weight image features by the detector's faceness score (mode D0)",
+    )
+    p.add_argument(
+        "--ijb-cache",
+        default=None,
+        metavar="DIR",
+        help="IJB image features cached here as .npy, keyed by weights and release "
+        "(default $XDG_CACHE_HOME/femb/ijb, i.e. ~/.cache/femb/ijb)",
+    )
+    p.add_argument("--no-ijb-cache", action="store_true", help="IJB: embed again, keep nothing")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="export a backbone to ONNX and prove parity with onnxruntime")

@@ -8,16 +8,32 @@ repeated here. See docs/architecture.md "Training configuration".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from femb.backbones import canonical_backbone_name, list_backbones
-from femb.data.synth import DEFAULT_IDENTITIES, DEFAULT_IMAGES_PER_IDENTITY, DEFAULT_PAIRS
-from femb.errors import FembError
+from femb.data.synth import (
+    DEFAULT_IDENTITIES,
+    DEFAULT_IJB_SUBJECTS,
+    DEFAULT_IMAGES_PER_IDENTITY,
+    DEFAULT_LOOSE_IDENTITIES,
+    DEFAULT_LOOSE_IMAGES_PER_IDENTITY,
+    DEFAULT_PAIRS,
+)
+from femb.errors import FembError, short_repr, short_text
 from femb.headers import build_header, header_defaults, list_headers
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -55,7 +71,50 @@ def _check_head_hparams(name: str, hparams: Mapping[str, Any], key: str) -> None
         raise ValueError(f"{key}: {str(err).removeprefix(f'head {name}: ')}") from None
 
 
+_LIGHTNING_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_DEVICE_INDICES = re.compile(r"\d+(,\d+)*,?")
+
+
+def _device_spec(value: Any) -> Any:
+    """Lightning's `devices`: "auto", -1 (every GPU), a count >= 1 (also as text), or GPU indices ("0,1", "0,")."""
+    expected = (
+        f"expected 'auto', -1 (every GPU), a number of devices >= 1, or GPU indices such as '0,1' "
+        f"(got {short_repr(value)})"
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(expected)
+    if isinstance(value, int):
+        if value == -1 or value >= 1:
+            return value
+        raise ValueError(expected)
+    text = value.strip()
+    if text == "auto" or re.fullmatch(r"-1|[1-9]\d*", text):
+        return text
+    if "," in text and _DEVICE_INDICES.fullmatch(text):
+        indices = [int(i) for i in text.split(",") if i]
+        if len(set(indices)) == len(indices):
+            return text
+        raise ValueError(f"GPU indices {text!r} name a device twice")
+    raise ValueError(expected)
+
+
+def _lightning_name(kind: str, examples: str) -> Any:
+    """A validator of a Lightning registry name's syntax; `femb.training.preflight` checks it is known."""
+
+    def check(value: str) -> str:
+        name = value.strip().lower()
+        if not _LIGHTNING_NAME.fullmatch(name):
+            raise ValueError(f"not {kind} name; Lightning's are names such as {examples}")
+        return name
+
+    return check
+
+
 Precision = Annotated[str, AfterValidator(_known_precision)]
+Devices = Annotated[int | str, BeforeValidator(_device_spec)]
+_accelerator_name = _lightning_name("an accelerator", "auto, cpu, gpu, cuda, mps")
+AcceleratorName = Annotated[str, AfterValidator(_accelerator_name)]
+StrategyName = Annotated[str, AfterValidator(_lightning_name("a strategy", "auto, ddp, ddp_spawn, fsdp"))]
 HeadName = Annotated[str, AfterValidator(_known_head)]
 BackboneName = Annotated[str, AfterValidator(_known_backbone)]
 EmbeddingSize = Annotated[int, Field(ge=2)]
@@ -68,12 +127,15 @@ class Section(BaseModel):
 
 
 class SynthParams(Section):
-    """`femb synth` sizes for the demo dataset."""
+    """`femb synth` sizes for the demo dataset (`loose_identities` / `ijb_subjects` 0: no loose/, IJBC/)."""
 
     identities: int = Field(DEFAULT_IDENTITIES, ge=2)
     images_per_identity: int = Field(DEFAULT_IMAGES_PER_IDENTITY, ge=2)
     pairs: int = Field(DEFAULT_PAIRS, ge=10)
     seed: int = Field(0, ge=0)
+    loose_identities: int = Field(DEFAULT_LOOSE_IDENTITIES, ge=0)
+    loose_images_per_identity: int = Field(DEFAULT_LOOSE_IMAGES_PER_IDENTITY, ge=2)
+    ijb_subjects: int = Field(DEFAULT_IJB_SUBJECTS, ge=0)
 
 
 class DataParams(Section):
@@ -127,6 +189,9 @@ class BackboneOptions(Section):
     gradient_checkpointing: bool = False
     channels_last: bool = False
     compile: bool = False
+    # ViT only (None: the backbone's own default, e.g. vit_t 0.1 and 0.1; WebFace42M recipes 0.05 and 0.0)
+    drop_path_rate: float | None = Field(None, ge=0, lt=1)
+    mask_ratio: float | None = Field(None, ge=0, lt=1)
 
 
 class TrainParams(OptimParams, BackboneOptions):
@@ -144,10 +209,10 @@ class TrainParams(OptimParams, BackboneOptions):
     max_epochs: int = Field(4, ge=1)
     max_steps: int = Field(-1, ge=-1)
     precision: Precision = "32-true"
-    accelerator: str = "auto"
-    devices: int | str = "auto"
+    accelerator: AcceleratorName = "auto"
+    devices: Devices = "auto"
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
+    strategy: StrategyName = "auto"
     gradient_clip: float = Field(5.0, ge=0)
     accumulate_grad_batches: int = Field(1, ge=1)
     seed: int = Field(0, ge=0)
@@ -157,6 +222,12 @@ class TrainParams(OptimParams, BackboneOptions):
     partial_fc: PartialFCParams = PartialFCParams()
     init_weights: Path | None = None  # fine-tuning: the backbone starts from these weights, the head fresh
     freeze_backbone_steps: int = Field(0, ge=0)  # fine-tuning: only the head trains for this many steps
+    # A non-finite loss stops the run, or rewinds it: back to the last good checkpoint, past the batches
+    # since (at least rewind_skip_batches), the LR times rewind_lr_factor; at most max_rewinds times.
+    on_divergence: Literal["stop", "rewind"] = "stop"
+    rewind_lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_rewinds: int = Field(3, ge=1)
+    rewind_skip_batches: int = Field(0, ge=0)
 
 
 class ModelParams(BackboneOptions):
@@ -183,14 +254,26 @@ class ModelParams(BackboneOptions):
             kwargs["dropout"] = self.dropout
         if self.gradient_checkpointing:
             kwargs["gradient_checkpointing"] = True
+        for key in ("drop_path_rate", "mask_ratio"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
         return kwargs
 
 
 class EvaluateParams(Section):
-    """The verification sets (empty: every pair set `convert` wrote to `data.shards`) and batch size."""
+    """The verification sets (empty: every pair set `convert` wrote to `data.shards`), IJB releases, batch size.
+
+    `ijb` lists IJB-B/C release directories (default: the demo IJB-C set `femb synth` writes);
+    `ijb_normalize_images` and `ijb_faceness` pick eval_ijbc.py's modes (N1 D1 by default), and IJB
+    features are cached under `ijb_cache` (outside the stage's outputs; null: not cached).
+    """
 
     sets: list[str] = []
     batch_size: int = Field(128, ge=1)
+    ijb: list[Path] = [Path("data/demo/IJBC")]
+    ijb_normalize_images: bool = False
+    ijb_faceness: bool = True
+    ijb_cache: Path | None = Path(".femb-cache/ijb")
 
 
 class ExportParams(Section):
@@ -281,9 +364,9 @@ def _describe(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         section = ".".join(str(part) for part in loc[:-1]) or "the top level"
         message = f"unknown key; {section} takes {', '.join(_section_keys(loc[:-1]))}"
-    elif "input" in first and first["type"] != "missing" and repr(first["input"]) not in message:
-        message = f"{message} (got {first['input']!r})"
-    return f"{source}: {'.'.join(str(part) for part in loc)}: {message}"
+    elif "input" in first and first["type"] != "missing" and short_repr(first["input"]) not in message:
+        message = f"{message} (got {short_repr(first['input'])})"  # bounded: the input may be huge or deep
+    return f"{source}: {short_text('.'.join(str(part) for part in loc))}: {message}"
 
 
 def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
@@ -297,15 +380,30 @@ def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
 def set_dotted(data: dict[str, Any], assignment: str) -> None:
     """Apply one `key.sub=value` override (value parsed as YAML), as `dvc exp run -S` does."""
     key, sep, raw = assignment.partition("=")
+    shown = short_repr(assignment)
     if not sep or not key:
-        raise FembError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=0.05")
+        raise FembError(f"--set {shown}: expected KEY=VALUE, e.g. train.lr=0.05")
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise FembError(f"--set {assignment!r}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(raw)
+            raise FembError(f"--set {shown}: '{short_text(part)}' is not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise FembError(
+            f"--set {shown}: the value is not plain YAML ({_yaml_problem(err)}); "
+            "give a number, true/false, text or a [list], and quote text that YAML would misread"
+        ) from None
+
+
+def _yaml_problem(err: BaseException) -> str:
+    """What PyYAML found wrong, on one line (its messages span several, with a caret under the spot)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    problem = getattr(err, "problem", None) or str(err)
+    return short_text(problem, 120)
 
 
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -314,11 +412,22 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     data: dict[str, Any] = {}
     if path.exists():
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise FembError(f"{path}: cannot read the params file ({err.strerror or err})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise FembError(
+                f"{path}: not UTF-8 text (byte {raw[err.start]:#04x} at line {line}); save the file as UTF-8"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, RecursionError) as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise FembError(f"{path}: not valid YAML{where}") from None
+            raise FembError(f"{path}: not valid YAML{where} ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise FembError(f"{path}: expected a mapping of keys at the top level")
     for assignment in overrides or []:

@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from femb.data.decode import IMAGE_SIZE
+from femb.data.decode import IMAGE_SIZE, rgb_pixels
 from femb.data.decode import normalize as normalize_pixels
 from femb.device import model_device_and_dtype, resolve_device
 from femb.errors import FembError
@@ -108,18 +108,23 @@ def embed_pixels(
 
 
 def load_face_image(path: Path | str) -> np.ndarray:
-    """Read one image as a 112x112x3 uint8 RGB array (bilinear resize if needed); FembError names a bad file."""
+    """Read one image as a 112x112x3 uint8 RGB array (bilinear resize if needed); FembError names a bad file.
+
+    Pixels are those of the training decoder (`femb.data.decode.rgb_pixels`): a 16-bit image keeps its
+    high byte, as OpenCV reads it.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            pixels = rgb_pixels(img)
     except FileNotFoundError as err:
         raise FembError(f"{path}: no such image file") from err
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise FembError(f"{path}: cannot read image ({err})") from err
-    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        resized = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(resized)
+    return np.ascontiguousarray(pixels, dtype=np.uint8)
 
 
 def embed_images(

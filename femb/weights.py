@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from femb.backbones import IRESNET_LAYERS, canonical_backbone_name, create_backbone
 from femb.backbones.iresnet import TINY_WIDTHS
 from femb.backbones.mobilefacenet import MBF_BLOCKS, MBF_LARGE_BLOCKS, MBF_LARGE_SCALE, MBF_SCALE
-from femb.errors import FembError
+from femb.backbones.vit import MICRO_LAYOUT, VIT_LAYOUTS
+from femb.errors import FembError, short_text
 from femb.io import atomic_path
 
 # Prefixes that wrappers add in front of the backbone's own keys: DDP, torch.compile.
@@ -131,7 +132,8 @@ def infer_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any
     """Identify the architecture of an official-layout state dict: (canonical name, constructor kwargs).
 
     IResNet depth comes from the number of blocks in layer1..4, MobileFaceNet from its `layers.N`
-    tree; the embedding size from the final linear layer.
+    tree, a ViT's size from its width (`pos_embed`) and number of blocks; the embedding size from the
+    final linear layer.
     """
     if "fc.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
         counts = tuple(_count_children(state_dict, f"layer{i}.") for i in range(1, 5))
@@ -150,8 +152,20 @@ def infer_backbone(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, Any
             else "mobilefacenet"
         )
         return name, _structural_kwargs(name, state_dict)
+    if (
+        "pos_embed" in state_dict
+        and "feature.0.weight" in state_dict
+        and "blocks.0.attn.qkv.weight" in state_dict
+    ):
+        layout = (int(state_dict["pos_embed"].shape[-1]), _count_children(state_dict, "blocks."))
+        layouts = {**VIT_LAYOUTS, "vit_micro": MICRO_LAYOUT}
+        name = next((n for n, known in layouts.items() if known == layout), None)
+        if name is None:
+            known = ", ".join(f"{n} {w}x{d}" for n, (w, d) in VIT_LAYOUTS.items())
+            raise FembError(f"a ViT of width {layout[0]} and depth {layout[1]} is not one of {known}")
+        return name, _structural_kwargs(name, state_dict)
     first = ", ".join(list(state_dict)[:_SHOWN])
-    raise FembError(f"keys match no known backbone (IResNet or MobileFaceNet); first keys: {first}")
+    raise FembError(f"keys match no known backbone (IResNet, MobileFaceNet or ViT); first keys: {first}")
 
 
 def save_backbone(model: nn.Module, path: Path | str, name: str, plain: bool = False) -> Path:
@@ -197,6 +211,12 @@ class OnnxBackbone(nn.Module):
         self.input_name: str = inputs[0].name
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
         self.output_name: str = outputs[0].name
+        declared = outputs[0].shape
+        if isinstance(declared, (list, tuple)) and declared and len(declared) != 2:
+            raise FembError(
+                f"{self.path}: its output '{self.output_name}' is {_shape_text(declared)}, expected "
+                "N x D embeddings (a flattening layer may be missing from the export)"
+            )
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         super().train(False)
 
@@ -223,13 +243,24 @@ class OnnxBackbone(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
     def _run(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(self.session.run([self.output_name], {self.input_name: array})[0], dtype=np.float32)
+        out = np.asarray(self.session.run([self.output_name], {self.input_name: array})[0], dtype=np.float32)
+        if out.ndim != 2 or len(out) != len(array):
+            raise FembError(
+                f"{self.path}: gave an output of shape {list(out.shape)} for {len(array)} images, "
+                "expected N x D embeddings"
+            )
+        return out
 
     def _run_fixed_batch(self, chunk: np.ndarray, batch: int) -> np.ndarray:
         pad = batch - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
         return self._run(chunk)[: batch - pad]
+
+
+def _shape_text(shape: Sequence[object]) -> str:
+    """An ONNX shape as `N x 512 x 1 x 1` (a symbolic or unknown batch reads N)."""
+    return " x ".join("N" if i == 0 and not isinstance(d, int) else str(d) for i, d in enumerate(shape))
 
 
 def _load_onnx(path: Path, backbone: str | None, **kwargs: Any) -> OnnxBackbone:
@@ -258,23 +289,31 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = _unpickler_detail(str(err))
-        if "Unsupported global" in detail:
+        # torch's own text advises retrying with weights_only=False, i.e. running the pickle: not repeated.
+        blocked = re.search(r"GLOBAL\s+([\w.]+)", str(err))
+        if blocked:
             raise FembError(
-                f"{path}: refused to load: the pickle holds objects, not only tensors ({detail}); "
-                "save a state_dict instead"
-            ) from err
-        raise FembError(f"{path}: not a PyTorch weights file ({detail})") from err
+                f"{path}: refused to load: the pickle names the global {short_text(blocked[1])}, which is "
+                "neither a tensor nor a plain container (loading with weights_only=True never imports or runs "
+                "it); save a state_dict instead"
+            ) from None
+        raise FembError(f"{path}: not a PyTorch weights file ({_unpickler_detail(str(err))})") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise FembError(
             f"{path}: not a PyTorch weights file ({_first_line(err) or type(err).__name__})"
         ) from err
 
 
+# Lines of torch's weights_only message that are advice, not the reason (torch 2.4 to 2.13 wordings).
+_TORCH_ADVICE = re.compile(r"weights.only|re-running|file an issue|documentation", re.I)
+
+
 def _unpickler_detail(message: str) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    detail = match.group(1) if match else message.strip().splitlines()[0]
-    return detail.split(" was not an allowed global")[0].strip()
+    """The reason in torch's weights_only refusal, without its advice to load with weights_only=False."""
+    after = re.split(r"WeightsUnpickler error:", message, maxsplit=1)
+    lines = [line.strip() for line in after[-1].splitlines() if line.strip()]
+    reasons = [line for line in lines if not _TORCH_ADVICE.search(line)]
+    return short_text(reasons[0], 160) if reasons else "not a pickle that holds only tensors"
 
 
 def _first_line(err: BaseException) -> str:
@@ -316,6 +355,9 @@ def _structural_kwargs(name: str, state: Mapping[str, Tensor]) -> dict[str, Any]
     """Constructor arguments that shapes in the file fix (embedding size; MobileFaceNet blocks and width)."""
     if name.startswith("iresnet"):
         fc = state.get("fc.weight")
+        return {"num_features": int(fc.shape[0])} if fc is not None and fc.dim() == 2 else {}
+    if name.startswith("vit_"):
+        fc = state.get("feature.2.weight")
         return {"num_features": int(fc.shape[0])} if fc is not None and fc.dim() == 2 else {}
     arch: dict[str, Any] = {}
     if "features.layers.2.weight" in state:

@@ -9,7 +9,9 @@ by a signal and its log shows an error that editing a file fixes; everything els
   mentions CUDA on every GPU run); DVC refusing dvc.yaml, params.yaml, a ``-S`` override, its config
   (no remote) or its command line (parse errors, missing params, unknown stage). Waiting fixes none of these.
 - Transient: dvc killed by a signal (a negative exit status: a preempted node), even after a user
-  error line; a stage killed by one (the OOM killer: "exited with -9"); DVC's workspace lock held by
+  error line; a stage killed by one (the OOM killer: "exited with -9"); a stage preempted ("exited
+  with 75", EX_TEMPFAIL: femb train saved its checkpoint on SIGTERM / SIGUSR1, and the retry resumes
+  it, even after a user error line); DVC's workspace lock held by
   another run, CUDA / NCCL errors,
   memory exhaustion, network and I/O errors, a missing input (the mount that holds `data.source` may
   come back) and any other crash. Retries are few and bounded, so an unknown failure costs minutes,
@@ -50,6 +52,8 @@ DVC_CONFIG_ERROR = re.compile(
     r"|config file error|unrecognized arguments|the following arguments are required|invalid choice"
 )
 DVC_FOOTER = re.compile(r"^Having any troubles\?")
+PREEMPTED_STATUS = 75  # femb.training.preemption.EXIT_PREEMPTED: checkpoint saved, run again to resume
+PREEMPTED = re.compile(rf"exited with {PREEMPTED_STATUS}\b")
 TAIL_LINES = 200
 
 
@@ -77,6 +81,8 @@ class DvcResult:
 
 def classify_failure(returncode: int, stderr: Sequence[str]) -> FailureKind:
     """Transient (worth a retry) or permanent (a config or user error), by the rule in this module's docstring."""
+    if returncode == PREEMPTED_STATUS or any(PREEMPTED.search(line) for line in stderr):
+        return "transient"
     user = any(USER_ERROR_LINE.match(line) for line in stderr)
     text = "\n".join(
         line for line in stderr if not USER_ERROR_LINE.match(line)

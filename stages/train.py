@@ -1,4 +1,7 @@
-"""Stage `train`: `backbone` with head `header` on `data.shards`; checkpoints, backbone.pth, DVCLive curves."""
+"""Stage `train`: `backbone` with head `header` on `data.shards`; checkpoints, backbone.pth, DVCLive curves.
+
+A preempted run (SIGTERM, SIGUSR1) exits with status 75 after its checkpoint; `dvc repro` resumes it.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +17,20 @@ from stages.common import run_stage
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
-    """Train into `train.out_dir`; write the run's numbers (steps, time, throughput, best accuracy) as metrics."""
+    """Train into `train.out_dir`; write the run's numbers (steps, time, throughput, best accuracy) as metrics.
+
+    dvc.yaml keeps `train.out_dir` (`persist: true`), so a killed run resumes from its last checkpoint;
+    an earlier run of other params, code or data there is replaced, as DVC would have removed it.
+    """
     (metrics,) = argv
     live = DVCLiveLogger(
         dir=str(params.train.out_dir / "dvclive"),
         save_dvc_exp=False,
         dvcyaml=None,
-        resume=resuming(params),
+        resume=resuming(params, other_run="replace"),
         report=None,
     )
-    summary = train(params, loggers=[live])
+    summary = train(params, loggers=[live], other_run="replace")
     if summary:  # rank 0 (every rank of a multi-device run runs this script)
         numbers = {
             k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

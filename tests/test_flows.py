@@ -54,6 +54,15 @@ if not os.path.exists("crashed"):
     os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
 open("model.txt", "w").write("model of " + open("shards.txt").read())
 """
+TRAIN_PREEMPTED_ONCE = """\
+import os, sys
+open("attempts", "a").write("x")
+if not os.path.exists("preempted"):
+    open("preempted", "w").close()
+    print("Preempted by SIGTERM at step 120: saved last.ckpt; exiting with status 75", file=sys.stderr)
+    sys.exit(75)  # as femb train does after its checkpoint (femb/training/preemption.py)
+open("model.txt", "w").write("model of " + open("shards.txt").read())
+"""
 TRAIN_IO_ERROR = """\
 import sys
 open("attempts", "a").write("x")
@@ -125,6 +134,16 @@ def workspace(tmp_path: Path) -> Path:
         (1, ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"], "permanent"),
         (-9, ["ERROR: Stage 'zz' not found inside 'dvc.yaml' file"], "transient"),
         (1, ["something nobody has seen before"], "transient"),
+        # Preempted (exit 75): the checkpoint is saved and a retry resumes, whatever else was printed.
+        (
+            255,
+            [
+                "stage train: params.yaml: train.lr: Input should be greater than 0 (got -1)",
+                "ERROR: failed to reproduce 'train': failed to run: python -m stages.train out, exited with 75",
+            ],
+            "transient",
+        ),
+        (75, ["femb train: anything"], "transient"),
         (1, [], "transient"),
     ],
 )
@@ -220,6 +239,23 @@ def test_pipeline_retries_a_stage_killed_once_and_completes_in_dag_order(prefect
         "convert": "unchanged",
         "train": "unchanged",
     }
+
+
+def test_the_preempted_status_is_the_one_femb_train_exits_with():
+    from femb.training.preemption import EXIT_PREEMPTED
+    from flows.common import PREEMPTED_STATUS
+
+    assert PREEMPTED_STATUS == EXIT_PREEMPTED == 75
+
+
+@pytest.mark.slow
+def test_pipeline_retries_a_preempted_stage_as_transient(prefect_server, workspace):
+    from flows.pipeline import pipeline
+
+    (workspace / "train.py").write_text(TRAIN_PREEMPTED_ONCE)
+    assert pipeline(repo=str(workspace), retries=1, retry_delay=0) == {"convert": "ran", "train": "ran"}
+    assert attempts(workspace) == 2
+    assert (workspace / "model.txt").read_text() == "model of faces;faces;"
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from femb.io import atomic_dir, atomic_path, remove_temps, temp_path, temp_target, write_json
@@ -57,3 +60,33 @@ def test_temp_target_recognises_only_the_temp_name_rule():
     assert temp_target(".train.rec.123-0a1b2c3d.tmp") == "train.rec"
     assert temp_target(".train.rec.deadbeef.tmp") is None
     assert temp_target("train.rec") is None
+
+
+def test_atomic_path_names_the_target_when_a_write_error_names_no_file(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError) as raised, atomic_path(target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a buffered write on a full disk raises
+    assert raised.value.filename == str(target) and raised.value.errno == errno.ENOSPC
+    assert raised.value.strerror.endswith("(the disk is full: free space or write elsewhere)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_names_a_disk_error_another_error_was_raised_from(tmp_path):
+    target = tmp_path / "w.pth"
+    with pytest.raises(OSError) as raised, atomic_path(target):
+        try:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        except OSError:
+            raise RuntimeError("file write failed") from None  # as torch.save reports it (context kept)
+    assert raised.value.filename == str(target) and isinstance(raised.value.__cause__, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_keeps_errors_that_name_another_file_or_are_not_about_disks(tmp_path):
+    missing = tmp_path / "input.txt"
+    with pytest.raises(FileNotFoundError) as raised, atomic_path(tmp_path / "out.txt"):
+        missing.read_text()
+    assert raised.value.filename == str(missing)
+    with pytest.raises(RuntimeError, match="a bug"), atomic_path(tmp_path / "out.txt"):
+        raise RuntimeError("a bug")
+    assert list(tmp_path.iterdir()) == []

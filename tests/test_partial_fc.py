@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from femb.headers import build_header
-from femb.training.partial_fc import PartialFC, shard_range
+from femb.training.partial_fc import PartialFC, optimizer_indices, shard_range, take_rows
 
 EMB, CLASSES, BATCH = 16, 11, 6
 
@@ -142,3 +142,40 @@ def test_two_gloo_ranks_equal_the_full_classifier(tmp_path, name):
             ddp_average = (got["emb_grad"] - e.grad) / world_size
             ref_local = ref_local - e2.grad[local]
         torch.testing.assert_close(ddp_average, ref_local, rtol=1e-4, atol=1e-5)
+
+
+def _shards(state: dict, world_size: int) -> list[tuple[int, int, dict]]:
+    """`state` (per-class 2-D tensors and a scalar) split as `world_size` ranks hold it."""
+    blocks = []
+    for rank in range(world_size):
+        start, end = shard_range(CLASSES, rank, world_size)
+        blocks.append((start, end, {k: v[start:end] if v.dim() == 2 else v for k, v in state.items()}))
+    return blocks
+
+
+@pytest.mark.parametrize(("saved", "now"), [(2, 1), (1, 2), (3, 2), (2, 3), (4, 4), (1, 7)])
+def test_repartitioned_centres_and_optimizer_state_are_the_full_matrix_bit_for_bit(saved, now):
+    gen = torch.Generator().manual_seed(saved * 10 + now)
+    full = {
+        "exp_avg": torch.randn(CLASSES, EMB, generator=gen),
+        "exp_avg_sq": torch.rand(CLASSES, EMB, generator=gen),
+        "step": torch.tensor(17.0),  # AdamW's step count: the same on every rank, not cut
+    }
+    blocks = _shards(full, saved)
+    parts = [take_rows(blocks, *shard_range(CLASSES, rank, now)) for rank in range(now)]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), full[key])
+    for rank, part in enumerate(parts):
+        start, end = shard_range(CLASSES, rank, now)
+        assert part["exp_avg"].shape == (end - start, EMB) and part["step"] is full["step"]
+
+
+def test_optimizer_indices_follow_torch_numbering_across_parameter_groups():
+    head = build_header("arcface", EMB, CLASSES)
+    other = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(
+        [{"params": [other.weight]}, {"params": [head.weight, other.bias], "weight_decay": 0.0}], lr=0.1
+    )
+    indices = optimizer_indices([("header.weight", head.weight), ("bias", other.bias)], optimizer)
+    assert indices == {"header.weight": 1, "bias": 2}
+    assert sorted(optimizer.state_dict()["param_groups"][1]["params"]) == [1, 2]

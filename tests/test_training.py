@@ -1,4 +1,7 @@
-"""Training: outputs, exact resume after SIGKILL, divergence handling, DDP with partial FC on CPU."""
+"""Training: outputs, exact resume after SIGKILL, divergence handling, DDP with partial FC on CPU.
+
+Preemption, damaged checkpoints, other world sizes, rewinds and `dvc repro`: tests/test_resume.py.
+"""
 
 from __future__ import annotations
 
@@ -160,7 +163,9 @@ def test_rerun_with_another_configuration_is_refused(demo_shards, tmp_path):
     out = tmp_path / "run"
     train(parse_params(small_params(demo_shards, out, max_steps=4)), progress=False)
     other = parse_params({**small_params(demo_shards, out, max_steps=4), "header": "cosface"})
-    with pytest.raises(FembError, match="another configuration"):
+    with pytest.raises(
+        FembError, match=r"last\.ckpt: a checkpoint of run \w{16}, but this run's fingerprint is \w{16}"
+    ):
         train(other, progress=False)
 
 
@@ -192,12 +197,16 @@ def test_ddp_on_two_cpu_processes_with_partial_fc_saves_a_shard_per_rank(demo_sh
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 6
     shards = sorted(p.name for p in (out / "checkpoints" / "partial_fc").iterdir())
-    # the step-3 shards went when step 6 became both the last and the best checkpoint
-    assert shards == [f"step{6:09d}-rank{r}-of-2.pt" for r in (0, 1)]
-    # 40 classes over 2 ranks: 20 centres each, and each rank's shard differs
-    rank0 = torch.load(out / "checkpoints" / "partial_fc" / shards[-2], weights_only=True)["weight"]
-    rank1 = torch.load(out / "checkpoints" / "partial_fc" / shards[-1], weights_only=True)["weight"]
-    assert rank0.shape == rank1.shape == (20, 512) and not torch.equal(rank0, rank1)
+    # step 6 is the last and the best checkpoint, step 3 the previous one: their shards stay, no others
+    assert shards == [f"step{step:09d}-rank{r}-of-2.pt" for step in (3, 6) for r in (0, 1)]
+    # 40 classes over 2 ranks: 20 centres each (and their momentum), and each rank's shard differs
+    rank0, rank1 = (
+        torch.load(out / "checkpoints" / "partial_fc" / name, weights_only=True) for name in shards[2:]
+    )
+    assert rank0["classes"] == [0, 20] and rank1["classes"] == [20, 40]
+    assert rank0["header"]["weight"].shape == rank1["header"]["weight"].shape == (20, 512)
+    assert not torch.equal(rank0["header"]["weight"], rank1["header"]["weight"])
+    assert rank0["optimizer"]["weight"]["momentum_buffer"].shape == (20, 512)
 
 
 def test_checkpoint_of_another_class_count_or_model_is_refused_naming_both():
@@ -265,13 +274,26 @@ def test_gradient_clipping_bounds_the_backbone_and_leaves_the_class_centres():
     assert torch.equal(module.header.weight.grad, torch.full_like(module.header.weight, 3.0))
 
 
-def test_resume_with_other_loader_workers_is_refused(demo_shards, tmp_path):
+@pytest.mark.parametrize(
+    ("saved", "workers", "expected"),
+    [
+        ({"world_size": 1, "num_workers": 0}, 0, 3),  # the same layout: exactly where it was
+        ({"world_size": 1, "num_workers": 2}, 0, 3),  # other workers: 48 samples in, 3 batches of 16
+        ({"world_size": 2, "num_workers": 0}, 0, 6),  # 2 ranks x 3 batches: 96 samples, 6 batches here
+        ({"world_size": 2, "num_workers": 0, "batches_done": 19}, 0, 20),  # past this epoch's 20: the next
+    ],
+)
+def test_resume_on_another_layout_continues_as_many_samples_into_the_epoch(
+    demo_shards, saved, workers, expected
+):
     from femb.training.datamodule import ShardDataModule
 
-    data = ShardDataModule(demo_shards, 16, num_workers=0)
-    data.load_state_dict({"epoch": 0, "batches_done": 3, "world_size": 1, "num_workers": 2})
+    data = ShardDataModule(demo_shards, 16, num_workers=workers)
+    data.load_state_dict({"epoch": 1, "batches_done": 3, "batch_size": 16, **saved})
     data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    with pytest.raises(
-        FembError, match=r"resume with the same world size \(devices x nodes\) and num_workers$"
-    ):
-        data.train_dataloader()
+    loader = data.train_dataloader()
+    assert data.position == expected
+    if expected < len(loader):
+        assert loader.dataset.batches_skipped(1) == expected and loader.dataset.epoch == 1
+    else:
+        assert loader.dataset.epoch == 2 and loader.dataset.batches_skipped(2) == 0

@@ -19,7 +19,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from femb.errors import FembError
+from femb.errors import FembError, short_repr, short_text
 from femb.io import atomic_path
 
 # Protocol 4 stores bytes natively (BINBYTES), so InsightFace's own `pickle.load(f)` reads our
@@ -58,7 +58,7 @@ class _Dtype:
     def __init__(self, name: object, align: object = False, copy: object = False) -> None:
         text = _text(name)
         if text not in _DTYPES:
-            raise _Refused(f"a numpy dtype {text or name!r}")
+            raise _Refused(f"a numpy dtype {short_repr(text or name)}")
         self.name = text
 
     def __setstate__(self, state: object) -> None:
@@ -84,7 +84,7 @@ class _Array:
         if not (
             isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape) and len(shape) <= 8
         ):
-            raise _Refused(f"a numpy array of shape {shape!r}")
+            raise _Refused(f"a numpy array of shape {short_repr(shape)}")
         if not isinstance(data, (bytes, bytearray)) or len(data) != math.prod(shape):
             raise _Refused(f"a numpy array of shape {shape} whose data is not {math.prod(shape)} bytes")
         self.shape, self.dtype, self.data = shape, dtype, bytes(data)
@@ -150,7 +150,7 @@ class _SafeUnpickler(pickle.Unpickler):
         try:
             return _STAND_INS[module, name]
         except KeyError:
-            raise _Refused(f"the global {module}.{name}") from None
+            raise _Refused(f"the global {short_text(f'{module}.{name}')}") from None
 
 
 def _safe_load(path: Path, data: bytes) -> object:
@@ -172,7 +172,8 @@ def _safe_load(path: Path, data: bytes) -> object:
         OverflowError,
     ) as err:
         # What the pickle machinery raises on corrupt streams (bad opcode, length, memo, call or state).
-        raise FembError(f"{path}: not a .bin verification set: not a valid pickle ({err})") from None
+        reason = short_text(str(err), 120)
+        raise FembError(f"{path}: not a .bin verification set: not a valid pickle ({reason})") from None
     except MemoryError:
         raise FembError(
             f"{path}: not a .bin verification set: the pickle declares an impossible size"
@@ -237,7 +238,7 @@ def read_bin(path: Path) -> tuple[list[bytes], list[bool]]:
     bins = [_as_bytes(path, i, item) for i, item in enumerate(raw_bins)]
     for i, flag in enumerate(raw_issame):
         if not isinstance(flag, bool):
-            raise FembError(f"{path}: issame[{i}] is {_kind(flag)} {flag!r}, expected a bool")
+            raise FembError(f"{path}: issame[{i}] is {_kind(flag)} {short_repr(flag)}, expected a bool")
     issame = list(raw_issame)
     _check_counts(path, len(bins), len(issame))
     return bins, issame

@@ -19,6 +19,9 @@ from PIL import Image
 
 IMAGE_SIZE = 112  # the ArcFace-aligned crop of every InsightFace dataset
 _JPEG_MAGIC = b"\xff\xd8"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# PIL's modes of 16-bit (and 32-bit integer) grayscale images.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageDecodeError(ValueError):
@@ -30,31 +33,67 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
+def rgb_pixels(img: Image.Image) -> np.ndarray:
+    """uint8 RGB pixels (H, W, 3) of a PIL image as OpenCV's IMREAD_COLOR decodes it (arcface_torch's decoder).
+
+    A 16-bit sample keeps its high byte (v >> 8, OpenCV's conversion), where PIL's own convert("RGB")
+    clips a 16-bit grayscale image to white. A 32-bit integer or float image is refused.
+    """
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise ValueError(f"a {img.mode} image with values outside 16 bits; faces are 8- or 16-bit images")
+        gray = (values.astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("a floating-point image; faces are 8- or 16-bit images")
+    return np.asarray(img.convert("RGB"))
+
+
 def _decode_with_pil(data: bytes, size: int, out: np.ndarray, colorspace: str) -> None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.size != (size, size):
                 raise ValueError(f"image is {img.width}x{img.height}, expected {size}x{size}")
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = rgb_pixels(img)
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # unknown, corrupt or huge images
         raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
     out[...] = rgb if colorspace == "RGB" else rgb[..., ::-1]
 
 
-def _decode(data: bytes, size: int, out: np.ndarray, colorspace: str) -> None:
-    """Decode into `out` (size, size, 3) as RGB or BGR."""
+def _decode(data: bytes, size: int, out: np.ndarray, colorspace: str) -> str | None:
+    """Decode into `out` (size, size, 3) as RGB or BGR; what libjpeg-turbo warned about when PIL had to take over."""
+    warning = None
     if data[:2] == _JPEG_MAGIC:
         # On a ValueError (too large for the buffer, or corrupt) PIL takes over: it names the size, decodes
         # what libjpeg-turbo only warns about (as OpenCV does for arcface_torch) and refuses truncated data.
         try:
             shape = simplejpeg.decode_jpeg(data, colorspace=colorspace, buffer=out).shape
-        except ValueError:
-            shape = None
+        except ValueError as err:
+            shape, warning = None, str(err).strip() or type(err).__name__
         if shape == out.shape:
-            return
+            return None
         if shape is not None:
             raise ValueError(f"image is {shape[1]}x{shape[0]}, expected {size}x{size}")
     _decode_with_pil(data, size, out, colorspace)
+    return warning
+
+
+def decode_checked(data: bytes, size: int = IMAGE_SIZE, out: np.ndarray | None = None) -> str | None:
+    """Decode as `decode_rgb` does; say what was repaired or reduced on the way, None for a clean image.
+
+    That is a JPEG libjpeg-turbo reports corrupt ("premature end of data segment": decoded anyway, gray
+    where data is missing, as OpenCV does) or a 16-bit PNG (reduced to its high byte, as OpenCV does).
+    `convert --verify` reports these as warnings; a ValueError means the image cannot be decoded at all.
+    """
+    if out is None:
+        out = np.empty((size, size, 3), np.uint8)
+    warning = _decode(data, size, out, "RGB")
+    if warning is not None:
+        return f"libjpeg-turbo reports {warning!r}; decoded anyway, as OpenCV does"
+    if data[:8] == _PNG_MAGIC and len(data) > 24 and data[24] == 16:  # IHDR bit depth
+        return "a 16-bit PNG, reduced to 8 bits (the high byte, as OpenCV does)"
+    return None
 
 
 def decode_rgb(

@@ -32,6 +32,7 @@ LENGTH_MASK = (1 << 29) - 1
 IR_FORMAT = struct.Struct("<IfQQ")
 IR_SIZE = IR_FORMAT.size  # 24
 _FRAME = struct.Struct("<II")
+_IOV_MAX = 1024  # buffers one os.writev takes (Linux IOV_MAX)
 MAX_CLASSES = 1 << 24  # IRHeader labels are float32: every class id below this is exact
 
 
@@ -265,6 +266,17 @@ def record_image(reader: RecordReader, offset: int) -> bytes:
     return bytes(unpack(payload)[1])
 
 
+def _writev_all(fd: int, views: Sequence[bytes | memoryview]) -> None:
+    """Write `views` back to back to `fd` with os.writev, `_IOV_MAX` buffers a call."""
+    for first in range(0, len(views), _IOV_MAX):
+        batch = views[first : first + _IOV_MAX]
+        written = os.writev(fd, batch)
+        if written < sum(memoryview(v).nbytes for v in batch):  # short (a signal, a full disk): the rest
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+
+
 class _Aborted(Exception):
     """Handed to the writer's atomic paths when it is aborted, so that they drop their temporaries."""
 
@@ -288,20 +300,35 @@ class RecordWriter:
         write_to(self._rec, framed, self.rec_path)
         self._pos += len(framed)
 
-    def write_framed(self, keys: np.ndarray, lengths: np.ndarray, framed: bytes | memoryview) -> None:
+    def write_framed(
+        self, keys: np.ndarray, lengths: np.ndarray, framed: bytes | memoryview | Sequence[memoryview]
+    ) -> None:
         """Append records already framed (`frame_record` outputs back to back, `lengths` bytes each) and their .idx lines.
 
-        `framed` is any buffer (bytes, a memoryview, a pyarrow Buffer); it is written as it is.
+        `framed` is any buffer (bytes, a memoryview, a pyarrow Buffer), written as it is, or a sequence
+        of buffers that together hold the records (e.g. slices of a mapped file), written with writev.
         """
         keys = np.asarray(keys, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
-        size = memoryview(framed).nbytes
+        gathered = isinstance(framed, (list, tuple))
+        size = sum(memoryview(v).nbytes for v in framed) if gathered else memoryview(framed).nbytes
         if keys.shape != lengths.shape or int(lengths.sum()) != size:
             raise ValueError(f"{keys.size} keys and {int(lengths.sum())} framed bytes for a block of {size}")
-        offsets = self._pos + np.cumsum(lengths) - lengths
-        lines = "".join(f"{k}\t{o}\n" for k, o in zip(keys.tolist(), offsets.tolist()))
-        write_to(self._idx, lines, self.idx_path)
-        write_to(self._rec, framed, self.rec_path)
+        lines = np.empty(2 * keys.size, dtype=np.int64)
+        lines[0::2] = keys
+        lines[1::2] = self._pos + np.cumsum(lengths) - lengths
+        write_to(self._idx, "%d\t%d\n" * keys.size % tuple(lines.tolist()), self.idx_path)
+        if gathered:
+            try:
+                self._rec.flush()  # what `write` buffered goes first
+                _writev_all(self._rec.fileno(), framed)
+            except OSError as err:
+                named = named_os_error(err, self.rec_path)
+                if named is err:
+                    raise
+                raise named from err
+        else:
+            write_to(self._rec, framed, self.rec_path)
         self._pos += size
 
     def tell(self) -> int:

@@ -1,4 +1,4 @@
-"""Training callbacks: periodic verification on pair sets, throughput, the exported backbone, a frozen backbone."""
+"""Training callbacks: periodic verification, throughput, the exported backbone, a frozen backbone, rewinds."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class PeriodicVerification(L.Callback):
     def _is_last_step(self, trainer: L.Trainer) -> bool:
         if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
             return True
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        last_epoch = max_epochs > 0 and trainer.current_epoch >= max_epochs - 1
         return bool(last_epoch and trainer.is_last_batch)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -141,3 +142,47 @@ class FreezeBackbone(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for p in pl_module.backbone.parameters():  # a run shorter than the freeze leaves a trainable model
             p.requires_grad_(True)
+
+
+class Rewinds(L.Callback):
+    """Counts divergence rewinds and scales the LR schedule by the factors of the rewinds so far.
+
+    Its state (count, and the LR scale the checkpoint's scheduler was saved with) is checkpointed, so
+    `max_rewinds` and the lowered LR hold across restarts. `lower_lr(factor)` before a rewound fit
+    scales the schedule's base LRs when training starts again, relative to the checkpoint it starts
+    from: two rewinds to the same checkpoint with factor 0.5 leave a quarter of the LR.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.scale = 1.0  # the LR multiplier the run trains with now
+        self._restored_scale = 1.0  # the one the restored scheduler's base LRs hold
+
+    def lower_lr(self, factor: float) -> None:
+        """Count one more rewind and multiply the LR by `factor` from the rewound fit's start."""
+        self.count += 1
+        self.scale *= factor
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "scale": self.scale}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        count, scale = int(state_dict.get("count", 0)), float(state_dict.get("scale", 1.0))
+        self._restored_scale = scale
+        if self.count <= count:  # a restart: the checkpoint knows best; else a rewind to an older one
+            self.count, self.scale = count, scale
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        factor, self._restored_scale = self.scale / self._restored_scale, self.scale
+        if factor == 1.0:
+            return
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            groups = scheduler.optimizer.param_groups
+            for i, (group, base) in enumerate(zip(groups, scheduler.base_lrs)):
+                group["initial_lr"] = base
+                # LambdaLR sets lr = base * lambda(step) at each step; set the current step's the same way.
+                group["lr"] = base * lambdas[i](scheduler.last_epoch) if lambdas else group["lr"] * factor
+            scheduler._last_lr = [group["lr"] for group in groups]

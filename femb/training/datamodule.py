@@ -1,4 +1,4 @@
-"""LightningDataModule over the Parquet shards: per-epoch reshuffle, rank split, exact mid-epoch resume.
+"""LightningDataModule over the Parquet shards: per-epoch reshuffle, rank split, mid-epoch resume.
 
 Batches are uint8 (pinned on CUDA); the LightningModule normalises them after the transfer to the device.
 """
@@ -10,17 +10,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from femb.data.loader import DEFAULT_SHUFFLE_BUFFER, make_train_loader, read_num_classes
-from femb.errors import FembError
 
 
 class ShardDataModule(L.LightningDataModule):
     """Training batches from `femb convert` shards; every rank gets the same number of batches.
 
-    The loader's position (epoch, batches consumed) goes into each checkpoint, so a run restarted
-    from a mid-epoch checkpoint sees exactly the batches an uninterrupted run would have.
+    The loader's position (epoch, batches consumed, and the layout that counted them) goes into each
+    checkpoint, so a run restarted from a mid-epoch checkpoint sees exactly the batches an
+    uninterrupted run would have; restarted at another world size, it continues as many samples
+    into the epoch.
     """
 
     def __init__(
@@ -38,6 +40,8 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self._resume: dict[str, int] | None = None
+        self.skip_batches = 0  # a divergence rewind: batches of the resumed epoch to leave out
+        self.position: int | None = None  # where a resumed loader starts in its epoch (LoaderPosition)
 
     @property
     def num_classes(self) -> int:
@@ -61,18 +65,42 @@ class ShardDataModule(L.LightningDataModule):
         if resume is None:
             loader.dataset.set_epoch(trainer.current_epoch)
             return loader
-        layout = {"world_size": trainer.world_size, "num_workers": self.num_workers}
-        saved = {key: resume.get(key, value) for key, value in layout.items()}
-        if saved != layout:
-            raise FembError(
-                f"checkpoint: its data order was made with {saved}, this run has {layout}; "
-                "resume with the same world size (devices x nodes) and num_workers"
-            )
-        if resume["batches_done"] >= len(loader):  # saved at an epoch's last batch: the next epoch is whole
-            loader.dataset.set_epoch(resume["epoch"] + 1)
+        epoch, done = self._position(resume, trainer.world_size, len(loader))
+        self.position = done
+        if done >= len(loader):  # saved at (or skipped to) an epoch's end: the next epoch is whole
+            loader.dataset.set_epoch(epoch + 1)
         else:
-            loader.dataset.resume(resume["epoch"], resume["batches_done"])
+            loader.dataset.resume(epoch, done)
         return loader
+
+    def _position(self, resume: dict[str, int], world_size: int, batches: int) -> tuple[int, int]:
+        """(epoch, batches of it done) for this layout: the same number of samples into the epoch, then the skip.
+
+        With the world size and loader workers it was saved with, the position is exact and the batches
+        that follow are those an uninterrupted run would see. With others, the run continues as many
+        samples into the epoch (rounded down to whole global batches); which rows those batches hold
+        differs, so some rows of that epoch are seen twice and others not at all, from the next epoch on
+        the order is the new layout's own.
+        """
+        epoch, done = int(resume["epoch"]), int(resume["batches_done"])
+        saved_world = int(resume.get("world_size", world_size))
+        saved_workers = int(resume.get("num_workers", self.num_workers))
+        saved_batch = int(resume.get("batch_size", self.batch_size))
+        if (saved_world, saved_workers, saved_batch) != (world_size, self.num_workers, self.batch_size):
+            samples = done * saved_batch * saved_world
+            done = min(batches, samples // (self.batch_size * world_size))
+            rank_zero_info(
+                f"Data position: {samples} samples into epoch {epoch}, saved with world size {saved_world} "
+                f"and {saved_workers} loader worker(s), now {world_size} and {self.num_workers}: "
+                f"{done} of {batches} batches per rank done; the order from here on differs from an "
+                "uninterrupted run's"
+            )
+        if self.skip_batches:
+            skipped = min(self.skip_batches, batches - done)
+            rank_zero_info(f"Skipping {skipped} batch(es) of epoch {epoch} after batch {done}")
+            done += skipped
+            self.skip_batches = 0
+        return epoch, done
 
     def state_dict(self) -> dict[str, Any]:
         # Saved from a batch-end hook: `ready` counts the batches of this epoch that have been trained on.
@@ -82,7 +110,28 @@ class ShardDataModule(L.LightningDataModule):
             "batches_done": int(progress.ready),
             "world_size": self.trainer.world_size,
             "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
+
+
+class LoaderPosition(L.Callback):
+    """Tells Lightning's epoch loop where the resumed loader really is, when that moved (world size, skip).
+
+    Lightning restores its own count of the epoch's batches from the checkpoint; after a change of
+    world size or a rewind's skip the loader starts elsewhere, and the next checkpoint must record that.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        data = trainer.datamodule
+        position, data.position = getattr(data, "position", None), None
+        if position is None:
+            return
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        shift = position - current.ready  # as restored: the saved count (completed one behind at batch end)
+        current.ready += shift
+        current.started += shift
+        current.processed += shift
+        current.completed += shift

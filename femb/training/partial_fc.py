@@ -8,9 +8,13 @@ those of the full classifier. It also runs as one process (world size 1), where 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim import Optimizer
 
 from femb.headers.base import NO_TARGET, MarginHead, compute_dtype
 
@@ -145,3 +149,30 @@ class PartialFC:
         weight = self.head.weight if index.numel() == self.head.weight.shape[0] else self.head.weight[index]
         logits = self.head(all_emb, remapped, weight=weight, norms=all_norms)
         return _DistSoftmaxCrossEntropy.apply(logits, remapped, distributed) + self.head.regulariser(norms)
+
+
+def optimizer_indices(named_parameters: Iterable[tuple[str, Tensor]], optimizer: Optimizer) -> dict[str, int]:
+    """Where each named parameter sits in `optimizer.state_dict()["state"]`: torch numbers them in group order."""
+    position = {
+        id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
+    }
+    return {name: position[id(p)] for name, p in named_parameters if id(p) in position}
+
+
+def take_rows(blocks: Sequence[tuple[int, int, Mapping[str, Any]]], start: int, end: int) -> dict[str, Any]:
+    """Classes [start, end) from consecutive ranks' shards `(first class, end class, state)`, re-partitioned.
+
+    A 2-D tensor with a row per class of its shard is per class (`weight`, its SGD momentum, AdamW's
+    moments): those rows are cut and joined in class order, bit for bit. Anything else (AdamW's step count, CurricularFace's t, AdaFace's
+    statistics, all equal on every rank) comes from the first shard.
+    """
+    blocks = [block for block in blocks if block[0] < end and block[1] > start] or list(blocks[:1])
+    first_start, first_end, first = blocks[0]
+    merged: dict[str, Any] = {}
+    for key, value in first.items():
+        if not (isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] == first_end - first_start):
+            merged[key] = value
+            continue
+        parts = [state[key][max(start, lo) - lo : min(end, hi) - lo] for lo, hi, state in blocks]
+        merged[key] = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    return merged
