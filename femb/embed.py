@@ -26,8 +26,9 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from femb.data.decode import IMAGE_SIZE, rgb_pixels
+from femb.data.decode import IMAGE_SIZE
 from femb.data.decode import normalize as normalize_pixels
+from femb.data.images import rgb_pixels
 from femb.device import model_device_and_dtype, resolve_device
 from femb.errors import FembError
 from femb.io import atomic_path
@@ -110,7 +111,7 @@ def embed_pixels(
 def load_face_image(path: Path | str) -> np.ndarray:
     """Read one image as a 112x112x3 uint8 RGB array (bilinear resize if needed); FembError names a bad file.
 
-    Pixels are those of the training decoder (`femb.data.decode.rgb_pixels`): a 16-bit image keeps its
+    Pixels are those of the training decoder (`femb.data.images.rgb_pixels`): a 16-bit image keeps its
     high byte, as OpenCV reads it.
     """
     path = Path(path)

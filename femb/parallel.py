@@ -109,7 +109,7 @@ def imap_tasks(
         queued = iter(tasks)
         try:
             for task in itertools.islice(queued, window):
-                pending.append(pool.submit(fn, task, *args))
+                pending.append(_submit(pool, fn, task, *args))
             while pending:
                 while not pending[0].done():
                     cf.wait([pending[0]], timeout=0.2)
@@ -117,13 +117,28 @@ def imap_tasks(
                 _drain(progress, bar)
                 result = pending.popleft().result()
                 for task in itertools.islice(queued, 1):
-                    pending.append(pool.submit(fn, task, *args))
+                    pending.append(_submit(pool, fn, task, *args))
                 yield result
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # running tasks finish; queued ones never start
             raise
         finally:
             _drain(progress, bar)
+
+
+def _submit(pool: cf.ProcessPoolExecutor, fn: Callable[..., Any], *args: object) -> cf.Future:
+    """`pool.submit` with Ctrl-C held back until it returns (then raised as usual).
+
+    A submit may start a worker; a KeyboardInterrupt in the middle of that leaves a process the pool
+    never learns of, which its shutdown then waits on for ever or leaves orphaned.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(fn, *args)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _forkserver(fn: Callable[..., Any]) -> mp.context.BaseContext:

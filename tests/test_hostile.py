@@ -160,12 +160,6 @@ def _dataset(out: Path, images: list[bytes]) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="femb/parallel.py imap_tasks: a Ctrl-C inside ProcessPoolExecutor.submit, while it starts a "
-    "forkserver worker, leaves a worker the pool never stops: shutdown(wait=True) hangs joining it or the "
-    "worker is orphaned (about 1 run in 5 here); Ctrl-C must be deferred around pool.submit",
-)
 def test_convert_verify_sigint_exits_promptly_without_orphan_workers(tmp_path):
     src = _dataset(tmp_path / "src", [_jpeg()] * 3000)
     for signals in (1, 2):  # the second Ctrl-C must not orphan the workers either

@@ -304,3 +304,13 @@ def test_pair_lists_may_not_share_a_name(folder: tuple, tmp_path: Path) -> None:
     ):
         convert(root, tmp_path / "out", pairs=lists, root=root, progress=False, workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_16_bit_grayscale_png_keeps_its_high_byte_not_white(tmp_path: Path) -> None:
+    gray = (np.arange(112 * 112, dtype=np.uint32).reshape(112, 112) * 5 % 65536).astype(np.uint16)
+    ok, png = cv2.imencode(".png", gray)
+    assert ok
+    stored = prepare_image(png.tobytes(), ImageOptions(lossless=True))
+    pixels = cv2.imdecode(np.frombuffer(stored, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(pixels[..., 0], (gray >> 8).astype(np.uint8))
+    assert np.array_equal(pixels, cv2.imdecode(png, cv2.IMREAD_COLOR))  # as OpenCV decodes the file

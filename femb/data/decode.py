@@ -17,11 +17,12 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from femb.data.images import rgb_pixels
+
 IMAGE_SIZE = 112  # the ArcFace-aligned crop of every InsightFace dataset
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # PIL's modes of 16-bit (and 32-bit integer) grayscale images.
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageDecodeError(ValueError):
@@ -31,23 +32,6 @@ class ImageDecodeError(ValueError):
         super().__init__(reason)
         self.index = index
         self.reason = reason
-
-
-def rgb_pixels(img: Image.Image) -> np.ndarray:
-    """uint8 RGB pixels (H, W, 3) of a PIL image as OpenCV's IMREAD_COLOR decodes it (arcface_torch's decoder).
-
-    A 16-bit sample keeps its high byte (v >> 8, OpenCV's conversion), where PIL's own convert("RGB")
-    clips a 16-bit grayscale image to white. A 32-bit integer or float image is refused.
-    """
-    if img.mode in _SIXTEEN_BIT:
-        values = np.asarray(img)
-        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
-            raise ValueError(f"a {img.mode} image with values outside 16 bits; faces are 8- or 16-bit images")
-        gray = (values.astype(np.uint16) >> 8).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if img.mode == "F":
-        raise ValueError("a floating-point image; faces are 8- or 16-bit images")
-    return np.asarray(img.convert("RGB"))
 
 
 def _decode_with_pil(data: bytes, size: int, out: np.ndarray, colorspace: str) -> None:

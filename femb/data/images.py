@@ -33,6 +33,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # read in any let
 MAX_LABEL = 1 << 24  # RecordIO stores labels as float32: the integers below this are exact
 _EXIF_ORIENTATION = 0x0112
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL modes of 16-bit samples
+
 log = logging.getLogger(__name__)
 
 
@@ -192,6 +194,23 @@ def read_image_list(list_path: Path, root: Path | None = None, skip_bad: bool = 
     return ImageSource("list", root, images, _list_identities(images, num_classes), skipped, list_path)
 
 
+def rgb_pixels(img: Image.Image) -> np.ndarray:
+    """uint8 RGB pixels (H, W, 3) of a PIL image as OpenCV's IMREAD_COLOR decodes it (arcface_torch's decoder).
+
+    A 16-bit sample keeps its high byte (v >> 8, OpenCV's conversion), where PIL's own convert("RGB")
+    clips a 16-bit grayscale image to white. A 32-bit integer or float image is refused.
+    """
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+            raise ValueError(f"a {img.mode} image with values outside 16 bits; faces are 8- or 16-bit images")
+        gray = (values.astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError("a floating-point image; faces are 8- or 16-bit images")
+    return np.asarray(img.convert("RGB"))
+
+
 def _open(data: bytes, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
@@ -204,11 +223,10 @@ def _open(data: bytes, where: str) -> Image.Image:
 
 
 def _decode(image: Image.Image, where: str) -> np.ndarray:
-    """RGB pixels, EXIF orientation applied; grayscale, palette, CMYK and alpha images made RGB."""
+    """RGB pixels, EXIF orientation applied; grayscale, palette, CMYK, alpha and 16-bit images made RGB."""
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert("RGB"))
+        return rgb_pixels(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImage(f"{where}: a corrupt image ({err})") from None
 
