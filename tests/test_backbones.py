@@ -134,7 +134,8 @@ def test_channels_last_gives_the_same_output(r18):
     model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     with torch.no_grad():
         got = model(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # Other kernels, other float32 summation orders through 18 layers: seen up to 5e-4 on one of 128.
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_bfloat16_autocast_runs_and_stays_close_to_float32(r18):
