@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -124,6 +125,21 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("flows")
 
 
+def _stop_group(proc: subprocess.Popen, grace: float = 120.0) -> None:
+    """SIGTERM to dvc's process group (a training stage then saves a checkpoint and exits 75), then SIGKILL.
+
+    `proc.terminate()` alone reaches only dvc, which leaves its stage's command running.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
+
+
 def run_dvc(
     args: Sequence[str],
     repo: Path | str = ".",
@@ -146,6 +162,7 @@ def run_dvc(
         text=True,  # universal newlines: a progress bar's \r ends a line too
         errors="replace",
         bufsize=1,
+        start_new_session=True,  # its own process group: a cancel reaches the stage dvc runs, too
     )
     lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
 
@@ -174,9 +191,8 @@ def run_dvc(
                 logger.info("%s", line)
         returncode = proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted: do not leave dvc running on its own
-            proc.terminate()
-            proc.wait()
+        if proc.poll() is None:  # interrupted or cancelled: stop dvc and the stage it runs
+            _stop_group(proc)
         for reader in readers:
             reader.join(timeout=5)
     if returncode != 0:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -435,3 +437,37 @@ def test_compare_trains_two_heads_and_writes_the_leaderboard(prefect_server, tmp
     assert json.loads((repo / "reports" / "compare.json").read_text())["best"] == best["head"]
     names = dvc(repo, "exp", "list", "--name-only")
     assert all(row["experiment"] in names for row in result["rows"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_dvc_stops_the_stage_it_runs_not_only_dvc(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run([str(DVC), "init", "--no-scm", "-q"], cwd=repo, check=True)
+    stage = "import os, time; open('stage.pid', 'w').write(str(os.getpid())); time.sleep(120)"
+    (repo / "dvc.yaml").write_text(f'stages:\n  wait:\n    cmd: {sys.executable} -c "{stage}"\n')
+    flow = subprocess.Popen(
+        [sys.executable, "-c", f"from flows.common import run_dvc; run_dvc(['repro'], repo={str(repo)!r})"],
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    pid_file = repo / "stage.pid"
+    try:
+        for _ in range(600):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        stage_pid = int(pid_file.read_text())
+        flow.send_signal(signal.SIGINT)  # what a cancelled flow run's process gets
+        flow.wait(timeout=30)
+        for _ in range(100):
+            try:
+                os.kill(stage_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(stage_pid, signal.SIGKILL)
+            pytest.fail("the stage outlived the interrupted run_dvc")
+    finally:
+        if flow.poll() is None:
+            flow.kill()
