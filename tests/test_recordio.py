@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -395,3 +398,23 @@ def test_header_announcing_keys_missing_from_idx_is_refused(tmp_path: Path) -> N
     records.append((4, IRHeader(0, 0.0, 0, 0), b"img"))
     with pytest.raises(FembError, match="train.idx: has no key 2"):
         write_dataset(tmp_path / "d", records)
+
+
+def test_writev_after_a_short_write_keeps_every_byte_up_to_the_limit_then_raises(tmp_path: Path) -> None:
+    """A write cut short by a file-size limit (real EFBIG) keeps every byte before the limit, then raises."""
+    script = f"""
+import os, resource, signal
+from femb.data.recordio import _writev_all
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+views = [bytes([i % 251]) * 100 for i in range(3000)]
+fd = os.open({str(tmp_path / "out")!r}, os.O_WRONLY | os.O_CREAT)
+try:
+    _writev_all(fd, views)
+except OSError as err:
+    print(err.errno)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(errno.EFBIG)
+    expected = b"".join(bytes([i % 251]) * 100 for i in range(3000))[:150_000]
+    assert (tmp_path / "out").read_bytes() == expected
