@@ -126,7 +126,7 @@ def _ijb_table(metrics: Mapping[str, Any]) -> list[str]:
         rows.append("| " + " | ".join(cells) + " |")
         below += [k for k in keys if k in result.get("far_below_resolution", []) and k not in below]
     if below:
-        rows.append(f"TAR at FAR {', '.join(below)} lies below what some releases can measure.")
+        rows += ["", f"TAR at FAR {', '.join(below)} lies below what some releases can measure."]
     return rows
 
 
