@@ -314,3 +314,17 @@ def test_a_16_bit_grayscale_png_keeps_its_high_byte_not_white(tmp_path: Path) ->
     pixels = cv2.imdecode(np.frombuffer(stored, np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(pixels[..., 0], (gray >> 8).astype(np.uint8))
     assert np.array_equal(pixels, cv2.imdecode(png, cv2.IMREAD_COLOR))  # as OpenCV decodes the file
+
+
+def test_aligned_colour_jpegs_keep_their_bytes_with_or_without_an_upright_exif_block() -> None:
+    face = Image.fromarray(crop(np.random.default_rng(8)))
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright
+    for extra in ({}, {"progressive": True}, {"exif": exif}, {"exif": exif, "progressive": True}):
+        buf = io.BytesIO()
+        face.save(buf, format="JPEG", quality=90, **extra)
+        assert prepare_image(buf.getvalue(), ImageOptions()) == buf.getvalue(), extra
+    small = io.BytesIO()
+    face.resize((100, 100)).save(small, format="JPEG")
+    with pytest.raises(FembError, match=r"small\.jpg: is 100x100, not an aligned 112x112 crop"):
+        prepare_image(small.getvalue(), ImageOptions(), where="small.jpg")

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -152,12 +153,12 @@ def is_finished(task: ImageShardTask, footer: dict | None) -> bool:
 
 def prepare_chunk(chunk: Chunk, report: Report | None = None) -> tuple[list[bytes | None], list[dict]]:
     """Each photo's stored bytes (None when skipped) and the skipped photos with their reasons."""
-    root = Path(chunk.root)
+    root = chunk.root
     out: list[bytes | None] = []
     skipped: list[dict] = []
     for name, where, points in chunk.items:
         try:
-            data = prepare_image(read_image(root / name, where), chunk.options, points, where)
+            data = prepare_image(read_image(os.path.join(root, name), where), chunk.options, points, where)
             if chunk.verify:
                 check_image(data, chunk.options, where)
             out.append(data)
