@@ -220,6 +220,18 @@ def test_interpolated_tar_lies_on_the_roc_and_auc_is_sklearns():
             assert (accepted & negatives).sum() / negatives.sum() in fpr
 
 
+def test_the_roc_is_sklearns_on_the_scores_in_pair_order_bit_for_bit_with_ties():
+    data = random_release(6)
+    features = np.round(data["features"], 1)  # coarse features: many pairs score exactly alike
+    args = (features, data["faceness"], data["templates"], data["medias"], data["t1"], data["t2"])
+    out = evaluate_1v1(*args, data["labels"], use_faceness=False)
+    assert len(np.unique(out["scores"])) < len(out["scores"])
+    for got, expected in zip(
+        (out["fpr"], out["tpr"], out["thresholds"]), roc_curve(data["labels"], out["scores"])
+    ):
+        assert np.array_equal(got, expected)
+
+
 def test_1vn_equals_the_official_loops():
     data = random_release(5, subjects=40, dim=12)
     subject_of = data["subject_of"]
