@@ -6,14 +6,19 @@ A preempted run (SIGTERM, SIGUSR1) exits with status 75 after its checkpoint; `d
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from dvclive.lightning import DVCLiveLogger
 
 from femb.config import Params
 from femb.io import write_json
-from femb.training.run import resuming, train
+from femb.training.run import CHECKPOINTS, resuming, run_fingerprint, train
+from femb.training.stash import StashCheckpoints, restore
 from stages.common import run_stage
+
+STASH = Path(".femb-cache/runs")  # hard links of each unfinished run's checkpoints, by run fingerprint
 
 
 def main(params: Params, argv: Sequence[str]) -> None:
@@ -21,8 +26,14 @@ def main(params: Params, argv: Sequence[str]) -> None:
 
     dvc.yaml keeps `train.out_dir` (`persist: true`), so a killed run resumes from its last checkpoint;
     an earlier run of other params, code or data there is replaced, as DVC would have removed it.
+    `dvc exp run` removes an out_dir its baseline does not hold, so the checkpoints are also stashed
+    (hard links) under `.femb-cache/runs/<fingerprint>` until the run completes, and put back from there.
     """
     (metrics,) = argv
+    stash = STASH / run_fingerprint(params)
+    checkpoints = params.train.out_dir / CHECKPOINTS
+    if not resuming(params, other_run="replace") and restore(stash, checkpoints):
+        print(f"train: checkpoints of this run restored from {stash} (dvc exp run had removed them)")
     live = DVCLiveLogger(
         dir=str(params.train.out_dir / "dvclive"),
         save_dvc_exp=False,
@@ -30,7 +41,10 @@ def main(params: Params, argv: Sequence[str]) -> None:
         resume=resuming(params, other_run="replace"),
         report=None,
     )
-    summary = train(params, loggers=[live], other_run="replace")
+    summary = train(
+        params, loggers=[live], other_run="replace", callbacks=[StashCheckpoints(checkpoints, stash)]
+    )
+    shutil.rmtree(stash, ignore_errors=True)  # complete: DVC holds the outputs now
     if summary:  # rank 0 (every rank of a multi-device run runs this script)
         numbers = {
             k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

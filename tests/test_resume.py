@@ -504,7 +504,8 @@ def test_divergence_after_max_rewinds_stops_the_run_saying_how_many(tiny_shards,
 
 
 @pytest.mark.slow
-def test_dvc_repro_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.parametrize("command", [["repro", "train"], ["exp", "run", "train"]], ids=["repro", "exp-run"])
+def test_dvc_killed_after_its_first_checkpoint_resumes_to_the_uninterrupted_metrics(tmp_path, command):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
     env.pop("PYTHONPATH", None)
     env["DVC_SITE_CACHE_DIR"] = str(tmp_path / "dvc-site")
@@ -520,18 +521,22 @@ def test_dvc_repro_killed_after_its_first_checkpoint_resumes_to_the_uninterrupte
             ["git", "-c", "init.defaultBranch=main", "-c", "user.name=t", "-c", "user.email=t@t.invalid", *args],
             cwd=repo, check=True, capture_output=True,
         )  # fmt: skip
-    dvc = [str(BIN / "dvc"), "repro", "train"]
-    record = repo / "models" / "train" / "checkpoints" / "last.ckpt.json"
+    dvc = [str(BIN / "dvc"), *command]
+    stashes = repo / ".femb-cache" / "runs"  # `dvc exp run` removes models/train: the stage's stash survives
+
+    def stashed() -> list[Path]:
+        return list(stashes.glob("*/last.ckpt.json"))
+
     killed = subprocess.Popen(
         dvc, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
     deadline = time.monotonic() + 600
-    while not record.exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not stashed() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(killed.pid, signal.SIGKILL)  # dvc and the stage, as the OOM killer or a lost node would
     output = killed.communicate()[0].decode()
-    assert record.exists(), output[-3000:]
-    first_step = json.loads(record.read_text())["step"]
+    assert stashed(), output[-3000:]
+    first_step = json.loads(stashed()[0].read_text())["step"]
     assert first_step < 6 and not (repo / "metrics" / "train.json").exists()
 
     resumed = subprocess.run(dvc, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -540,6 +545,7 @@ def test_dvc_repro_killed_after_its_first_checkpoint_resumes_to_the_uninterrupte
     assert "Running stage 'train'" in log and "Resuming run " in log
     step = int(log.split("Resuming run ", 1)[1].split(" from step ", 1)[1].split(":", 1)[0])
     assert step >= first_step
+    assert not any(stashes.iterdir())  # a complete run leaves no stash behind
     metrics = json.loads((repo / "metrics" / "train.json").read_text())
 
     # The uninterrupted run: the same params in this process, from the repository's shards.
@@ -552,7 +558,31 @@ def test_dvc_repro_killed_after_its_first_checkpoint_resumes_to_the_uninterrupte
         k: v for k, v in expected.items() if k not in timing
     }
     assert_same_weights(backbone(tmp_path / "whole"), backbone(repo / "models" / "train"))
-    assert (
-        "Data and pipelines are up to date"
-        in subprocess.run(dvc, cwd=repo, env=env, capture_output=True, text=True, timeout=300).stdout
-    )
+    if command[0] == "repro":
+        again = subprocess.run(dvc, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert "Data and pipelines are up to date" in again.stdout
+
+
+def test_the_stash_mirrors_by_hard_links_drops_stale_files_and_restores(tmp_path):
+    from femb.training.stash import mirror, restore
+
+    run, stash = tmp_path / "checkpoints", tmp_path / "stash"
+    (run / "partial_fc").mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"weights")
+    (run / "last.ckpt.json").write_text("{}")
+    (run / "partial_fc" / "rank0.pt").write_bytes(b"centres")
+    (run / ".last.ckpt.123-abcdef01.tmp").write_bytes(b"half")  # a save in progress is not mirrored
+    (stash / "old").mkdir(parents=True)
+    (stash / "old" / "gone.pt").write_bytes(b"stale")
+    mirror(run, stash)
+    assert sorted(p.relative_to(stash).as_posix() for p in stash.rglob("*") if p.is_file()) == [
+        "last.ckpt",
+        "last.ckpt.json",
+        "partial_fc/rank0.pt",
+    ]
+    assert (stash / "last.ckpt").stat().st_ino == (run / "last.ckpt").stat().st_ino  # no copy
+    os.replace(run / ".last.ckpt.123-abcdef01.tmp", run / "last.ckpt")  # the next save renames over it
+    assert (stash / "last.ckpt").read_bytes() == b"weights"  # the stash keeps the checkpoint it mirrored
+    shutil.rmtree(run)
+    assert restore(stash, run) and (run / "last.ckpt").read_bytes() == b"weights"
+    assert not restore(tmp_path / "nothing", run)

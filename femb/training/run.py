@@ -121,6 +121,11 @@ def _fingerprint(params: Params) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def run_fingerprint(params: Params) -> str:
+    """The run fingerprint of `params` (its data, code, model and optimisation; see `_fingerprint`)."""
+    return _fingerprint(params)
+
+
 def _init_weights_sha256(path: Path) -> str:
     if not path.is_file():
         raise FembError(f"train.init_weights: {path}: no such weights file")
@@ -440,4 +445,4 @@ def _rewind(
     return good, skip
 
 
-__all__ = ["build_module", "default_val_sets", "init_backbone", "resuming", "train"]
+__all__ = ["build_module", "default_val_sets", "init_backbone", "resuming", "run_fingerprint", "train"]
