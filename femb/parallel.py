@@ -15,6 +15,7 @@ import multiprocessing.forkserver
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -52,6 +53,7 @@ def run_tasks(
     bar: tqdm,
     *args: object,
     processes: bool = False,
+    inline_below: float | None = None,
 ) -> list[T]:
     """`fn(task, *args, report)` for every task on `workers` threads (or processes); results in task order.
 
@@ -77,7 +79,7 @@ def run_tasks(
                 for future in futures:
                     future.cancel()
                 raise
-    return list(imap_tasks(fn, tasks, workers, bar, *args, window=len(tasks)))
+    return list(imap_tasks(fn, tasks, workers, bar, *args, window=len(tasks), inline_below=inline_below))
 
 
 def imap_tasks(
@@ -87,13 +89,22 @@ def imap_tasks(
     bar: tqdm,
     *args: object,
     window: int | None = None,
+    inline_below: float | None = None,
 ) -> Iterator[T]:
     """`fn(task, *args)` on `workers` processes, results yielded in task order as soon as each is ready.
 
     At most `window` tasks (default 4 per worker) are in flight, so a long stream of tasks whose results
     are large (prepared images) holds only a window of them in memory. Processes come from a forkserver
-    (a plain fork does not survive pyarrow's threads) that preloads `fn`'s module.
+    (a plain fork does not survive pyarrow's threads) that preloads `fn`'s module. With `inline_below`
+    (seconds), the first task runs in this process, and when it took less than that the rest do too:
+    work cheaper than its round trip to a worker (aligned JPEGs kept as they are) is faster here.
     """
+    if inline_below is not None and workers > 1 and len(tasks) > 1:
+        started = time.perf_counter()
+        yield fn(tasks[0], *args, bar.update)
+        if time.perf_counter() - started < inline_below:
+            workers = 1
+        tasks = tasks[1:]
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             yield fn(task, *args, bar.update)

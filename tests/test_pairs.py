@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import femb.data.pairs as pairs_module
 from femb.cli import main
-from femb.data import layout
+from femb.data import image_shards, layout
 from femb.data.align import ARCFACE_TEMPLATE
 from femb.data.convert import convert
 from femb.data.images import ImageOptions
@@ -220,6 +220,7 @@ def test_convert_pairs_on_processes_matches_one_worker(
 ) -> None:
     root, _ = lfw
     monkeypatch.setattr(pairs_module, "CHUNK_IMAGES", 3)  # 8 images -> 3 chunks: the pool is used
+    monkeypatch.setattr(image_shards, "_INLINE_SECONDS", 0.0)  # even for photos this cheap
     one = convert_pairs(root / "pairs.txt", tmp_path / "one.parquet", workers=1, progress=False)
     two = convert_pairs(root / "pairs.txt", tmp_path / "two.parquet", workers=2, progress=False)
     assert pq.read_table(tmp_path / "one.parquet").equals(pq.read_table(tmp_path / "two.parquet"))

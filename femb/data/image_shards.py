@@ -20,8 +20,7 @@ import io
 import json
 import logging
 import os
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,7 +220,9 @@ def write_image_shards(
     results: list[dict[str, Any]] = []
     images: list[bytes | None] = []
     skipped: list[dict] = []
-    for number, (prepared, skipped_here) in enumerate(_prepared_chunks(chunks, workers, bar)):
+    for number, (prepared, skipped_here) in enumerate(
+        imap_tasks(prepare_chunk, chunks, workers, bar, inline_below=inline_seconds(chunks))
+    ):
         images += prepared
         skipped += skipped_here
         task = tasks[owner[number]]
@@ -231,20 +232,9 @@ def write_image_shards(
     return results
 
 
-def _prepared_chunks(chunks: Sequence[Chunk], workers: int, bar: tqdm) -> Iterator[tuple[list, list]]:
-    """Prepared chunks in order: the first in this process, the rest on `workers` processes when it paid.
-
-    Photos kept as they are (aligned JPEGs) cost less to prepare than to send between processes, so a
-    first chunk faster than `_INLINE_SECONDS` a photo keeps the rest in this process too.
-    """
-    if not chunks:
-        return
-    started = time.perf_counter()
-    first = prepare_chunk(chunks[0], bar.update)
-    if time.perf_counter() - started < _INLINE_SECONDS * len(chunks[0].items):
-        workers = 1
-    yield first
-    yield from imap_tasks(prepare_chunk, chunks[1:], workers, bar)
+def inline_seconds(chunks: Sequence[Chunk]) -> float:
+    """The time under which a first chunk of photos is kept in-process (`imap_tasks(inline_below=)`)."""
+    return _INLINE_SECONDS * len(chunks[0].items) if chunks else 0.0
 
 
 def write_identities(out: Path, identities: Sequence[str]) -> Path:

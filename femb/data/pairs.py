@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from femb.data import layout
-from femb.data.image_shards import CHUNK_IMAGES, Chunk, prepare_chunk
+from femb.data.image_shards import CHUNK_IMAGES, Chunk, inline_seconds, prepare_chunk
 from femb.data.images import BadImage, ImageOptions
 from femb.data.landmarks import Landmarks, read_landmarks
 from femb.data.parquet import ROW_GROUP_ROWS, row_group_bounds, write_parquet
@@ -296,7 +296,8 @@ def write_pair_list(task: PairListTask, workers: int, bar: tqdm) -> dict[str, An
         for start in range(0, len(task.images), CHUNK_IMAGES)
     ]
     prepared: list[bytes] = []
-    for images, _ in run_tasks(prepare_chunk, chunks, workers, bar, processes=True):
+    inline = inline_seconds(chunks)
+    for images, _ in run_tasks(prepare_chunk, chunks, workers, bar, processes=True, inline_below=inline):
         prepared += images  # type: ignore[arg-type]  # never None: skip_bad is off
     left = [prepared[i] for i in task.left]
     right = [prepared[i] for i in task.right]

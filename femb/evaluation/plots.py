@@ -108,6 +108,11 @@ def plot_roc_curves(path: Path, curves: Mapping[str, Mapping[str, object]], titl
     axes.grid(True, which="major", alpha=0.3)
     if curves:
         axes.legend(loc="lower right", fontsize=8)
+    return _save_png(figure, path)
+
+
+def _save_png(figure: object, path: Path) -> Path:
+    """Lay out a matplotlib figure and write it as a PNG, atomically."""
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -160,8 +165,4 @@ def plot_evr_curves(
     axes.grid(True, alpha=0.3)
     if curves:
         axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return _save_png(figure, path)
