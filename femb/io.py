@@ -8,6 +8,7 @@ atomic (same file system) and an interrupted write leaves only names that `remov
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -183,11 +184,23 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as err:
+        if old is not None and not path.exists():  # the new one did not land: put the old one back
+            os.replace(old, path)
+            old = None
         _reraise_named(err, path, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path: Path | str, data: bytes) -> Path:

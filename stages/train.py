@@ -14,7 +14,8 @@ from dvclive.lightning import DVCLiveLogger
 
 from femb.config import Params
 from femb.io import write_json
-from femb.training.run import CHECKPOINTS, resuming, run_fingerprint, train
+from femb.training.checkpoints import remove_run
+from femb.training.run import CHECKPOINTS, RUN_OUTPUTS, resuming, run_fingerprint, train
 from femb.training.stash import StashCheckpoints, restore
 from stages.common import run_stage
 
@@ -32,13 +33,17 @@ def main(params: Params, argv: Sequence[str]) -> None:
     (metrics,) = argv
     stash = STASH / run_fingerprint(params)
     checkpoints = params.train.out_dir / CHECKPOINTS
-    if not resuming(params, other_run="replace") and restore(stash, checkpoints):
+    resume = resuming(params, other_run="replace")
+    if not resume and restore(stash, checkpoints):
+        # What else out_dir holds is not this run's (dvc exp run put back its baseline's, or nothing).
+        remove_run(params.train.out_dir, [name for name in RUN_OUTPUTS if name != CHECKPOINTS])
         print(f"train: checkpoints of this run restored from {stash} (dvc exp run had removed them)")
+        resume = True
     live = DVCLiveLogger(
         dir=str(params.train.out_dir / "dvclive"),
         save_dvc_exp=False,
         dvcyaml=None,
-        resume=resuming(params, other_run="replace"),
+        resume=resume,
         report=None,
     )
     summary = train(

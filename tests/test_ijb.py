@@ -216,8 +216,9 @@ def test_interpolated_tar_lies_on_the_roc_and_auc_is_sklearns():
         threshold = out["threshold_at_far"][far_key(far)]
         if threshold is not None:  # the official point accepts exactly the scores >= its threshold
             accepted = out["scores"] >= threshold
-            negatives = data["labels"] == 0
+            negatives, positives = data["labels"] == 0, data["labels"] == 1
             assert (accepted & negatives).sum() / negatives.sum() in fpr
+            assert (accepted & positives).sum() / positives.sum() == out["tar_at_far"][far_key(far)]
 
 
 def test_the_roc_is_sklearns_on_the_scores_in_pair_order_bit_for_bit_with_ties():

@@ -324,12 +324,17 @@ def saved_two(checkpoints: Path, fingerprint: str) -> None:
 
 
 def _damage(path: Path, how: str) -> None:
-    if how == "truncated":
-        path.write_bytes(path.read_bytes()[:1000])
-    elif how == "empty":
-        path.write_bytes(b"")
-    elif how == "random":
-        path.write_bytes(os.urandom(path.stat().st_size))
+    """Damage a checkpoint as a crash or a bad disk would, through a new file (a new inode: the hash
+    cache keyed by inode, size and mtime cannot then mistake it for the file it replaced)."""
+    damaged = {
+        "truncated": lambda b: b[:1000],
+        "empty": lambda b: b"",
+        "random": lambda b: os.urandom(len(b)),
+    }
+    if how in damaged:
+        fresh = path.with_name(path.name + ".damaged")
+        fresh.write_bytes(damaged[how](path.read_bytes()))
+        os.replace(fresh, path)
     elif how == "record missing":
         record_path(path).unlink()
     elif how == "record not json":

@@ -49,7 +49,7 @@ from femb.data.parquet import (
 )
 from femb.data.recordio import ImageSpans, InsightFaceRecords
 from femb.errors import FembError
-from femb.io import remove_temps, temp_target
+from femb.io import file_sha256, remove_temps, temp_target
 from femb.parallel import progress_bar, run_tasks
 
 SAMPLE_BYTES = 1 << 20  # how much of each end of a large file the fingerprint reads
@@ -193,11 +193,7 @@ def _manifest_current(out: Path, manifest: dict | None, settings: dict) -> bool:
 
 
 def _file_sha256(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 # ---------------------------------------------------------------- convert

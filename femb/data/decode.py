@@ -22,7 +22,6 @@ from femb.data.images import rgb_pixels
 IMAGE_SIZE = 112  # the ArcFace-aligned crop of every InsightFace dataset
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# PIL's modes of 16-bit (and 32-bit integer) grayscale images.
 
 
 class ImageDecodeError(ValueError):

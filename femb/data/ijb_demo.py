@@ -22,6 +22,7 @@ faceness (0.6-1.0) is lower for rolled, small and video faces.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,9 +136,10 @@ def _pairs(subject_of: np.ndarray, rng: np.random.Generator) -> list[tuple[int, 
     `subject_of[t - 1]` is template t's subject; a pair is (t1, t2, label) with t1 < t2.
     """
     count = len(subject_of)
-    genuine = [
-        (a + 1, b + 1, 1) for a in range(count) for b in range(a + 1, count) if subject_of[a] == subject_of[b]
-    ]
+    by_subject: dict[int, list[int]] = {}
+    for template, subject in enumerate(subject_of.tolist(), start=1):
+        by_subject.setdefault(subject, []).append(template)
+    genuine = [(a, b, 1) for group in by_subject.values() for a, b in itertools.combinations(group, 2)]
     _, per_subject = np.unique(subject_of, return_counts=True)
     available = count * (count - 1) // 2 - int(np.sum(per_subject * (per_subject - 1) // 2))
     wanted = min(IMPOSTORS_PER_GENUINE * len(genuine), available)

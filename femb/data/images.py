@@ -201,7 +201,8 @@ def rgb_pixels(img: Image.Image) -> np.ndarray:
     """uint8 RGB pixels (H, W, 3) of a PIL image as OpenCV's IMREAD_COLOR decodes it (arcface_torch's decoder).
 
     A 16-bit sample keeps its high byte (v >> 8, OpenCV's conversion), where PIL's own convert("RGB")
-    clips a 16-bit grayscale image to white. A 32-bit integer or float image is refused.
+    clips a 16-bit grayscale image to white. A 32-bit integer image with values beyond 16 bits, or a float
+    image, is refused.
     """
     if img.mode in _SIXTEEN_BIT:
         values = np.asarray(img)

@@ -57,9 +57,9 @@ import pyarrow.parquet as pq
 
 from femb.data import layout, recordio
 from femb.data.binfile import write_bin
-from femb.data.recordio import MAGIC, IRHeader, RecordWriter, frame_record
-from femb.errors import FembError
-from femb.io import atomic_dir, remove_temps
+from femb.data.recordio import IR_SIZE, LENGTH_MASK, MAGIC, IRHeader, RecordWriter, frame_record
+from femb.errors import FembError, short_text
+from femb.io import atomic_dir, file_sha256, remove_temps
 from femb.parallel import progress_bar
 
 PACK_FORMAT = "femb-pack/1"
@@ -69,8 +69,8 @@ _THREADS = 2  # row groups read and framed at once (the work is memory-bound)
 _WINDOW = 4  # framed row groups in flight (bounds memory: a few row groups)
 _PIECE_ROWS = 512  # rows decoded, framed and written at once: ~4 MB, in cache, buffers the allocator reuses
 _GATHER_ROWS = 1024  # records the reordering pass copies per os.writev (Linux IOV_MAX)
-_MAX_IMAGE = (1 << 29) - 1 - 24  # a RecordIO record's payload is below 2**29 bytes, IRHeader included
-_IMAGE_WORDS = 6  # IRHeader (flag, label, id, id2) as uint32 words
+_MAX_IMAGE = LENGTH_MASK - IR_SIZE  # a RecordIO record's payload is below 2**29 bytes, IRHeader included
+_IMAGE_WORDS = IR_SIZE // 4  # IRHeader (flag, label, id, id2) as uint32 words
 _NO_SEPARATOR = pa.scalar(b"", pa.binary())
 T = TypeVar("T")
 
@@ -105,14 +105,6 @@ class _Source:
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_source(directory: Path) -> _Source:
@@ -181,7 +173,7 @@ def _read_source(directory: Path) -> _Source:
         if known and entry.get("bytes") == pair_file.stat().st_size and isinstance(entry.get("sha256"), str):
             digests[name] = entry["sha256"]
         else:  # a pair set added after convert (`femb pairs`): small, hashed here
-            digests[name] = _file_sha256(pair_file)
+            digests[name] = file_sha256(pair_file)
         pair_sets[name], counts[name] = pair_file, metadata.num_rows
     identity = {
         "fingerprint": manifest["fingerprint"],
@@ -195,16 +187,11 @@ def _read_source(directory: Path) -> _Source:
     )
 
 
-def _one_line(err: BaseException) -> str:
-    """An Arrow error's message (often several lines) as one line."""
-    return " ".join(str(err).split())
-
-
 def _parquet_metadata(path: Path) -> pq.FileMetaData:
     try:
         return pq.read_metadata(path)
     except (OSError, pa.ArrowException) as err:
-        raise FembError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
+        raise FembError(f"{path}: not a readable Parquet file ({short_text(str(err), 300)})") from None
 
 
 def _check_columns(path: Path, schema: pa.Schema, expected: pa.Schema) -> None:
@@ -229,7 +216,9 @@ def _read_labels(source: _Source) -> np.ndarray:
         try:
             column = pq.read_table(shard, columns=["label"]).column("label")
         except (OSError, pa.ArrowException) as err:
-            raise FembError(f"{shard}: the label column cannot be read ({_one_line(err)})") from None
+            raise FembError(
+                f"{shard}: the label column cannot be read ({short_text(str(err), 300)})"
+            ) from None
         if column.null_count:
             row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
             raise FembError(f"{shard}: row {row} has no label")
@@ -275,7 +264,7 @@ def _read_images(batch: _Batch) -> Iterator[tuple[int, pa.Array]]:
                 done += len(images)
     except (OSError, pa.ArrowException) as err:
         raise FembError(
-            f"{batch.path}: row group {batch.row_group} cannot be read ({_one_line(err)})"
+            f"{batch.path}: row group {batch.row_group} cannot be read ({short_text(str(err), 300)})"
         ) from None
     if done != batch.rows:
         raise FembError(f"{batch.path}: row group {batch.row_group} holds {done} rows, not {batch.rows}")
@@ -487,7 +476,7 @@ def _write_pair_set(path: Path, out: Path) -> None:
     try:
         table = pq.read_table(path, columns=list(layout.PAIR_COLUMNS))
     except (OSError, pa.ArrowException) as err:
-        raise FembError(f"{path}: cannot be read ({_one_line(err)})") from None
+        raise FembError(f"{path}: cannot be read ({short_text(str(err), 300)})") from None
     for name in layout.PAIR_COLUMNS:
         if table.column(name).null_count:
             raise FembError(f"{path}: column '{name}' has empty rows")
@@ -511,7 +500,7 @@ def _inspect_out(out: Path, fingerprint: str) -> dict[str, Any] | None:
             record = json.loads(record_path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise FembError(
-                f"{record_path}: not a readable femb pack record ({_one_line(err)}); remove {out}"
+                f"{record_path}: not a readable femb pack record ({short_text(str(err), 300)}); remove {out}"
             ) from None
         if not isinstance(record, dict) or record.get("format") != PACK_FORMAT:
             raise FembError(f"{record_path}: not a femb pack record; remove {out} or choose another output")

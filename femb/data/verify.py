@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from femb.data.binfile import read_bin
-from femb.data.decode import decode_checked, decode_rgb
+from femb.data.decode import decode_checked
 from femb.data.parquet import PairTask, ShardTask
 from femb.data.recordio import RecordReader, record_image
 from femb.errors import FembError
@@ -27,16 +27,6 @@ _REPORT_EVERY = 1024  # images decoded between progress reports
 log = logging.getLogger(__name__)
 # (key or index, problem) for each image that fails, (key or index, warning) for each one repaired.
 Found = tuple[list[tuple[int, str]], list[tuple[int, str]]]
-
-
-def decode_problem(data: bytes, size: int, out: np.ndarray | None = None) -> str | None:
-    """Why an encoded image does not decode to RGB `size` x `size` as the loader decodes it, or None."""
-    try:
-        decode_rgb(data, size, out)
-    except ValueError as err:
-        reason = str(err).strip()
-        return reason.splitlines()[0] if reason else type(err).__name__
-    return None
 
 
 def decode_report(data: bytes, size: int, out: np.ndarray | None = None) -> tuple[str | None, str | None]:

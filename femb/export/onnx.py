@@ -21,7 +21,6 @@ random batches of two sizes, neither the size traced, which also proves the dyna
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import warnings
@@ -39,7 +38,7 @@ from femb import __version__
 from femb.backbones import canonical_backbone_name
 from femb.data.decode import IMAGE_SIZE
 from femb.errors import FembError
-from femb.io import atomic_path
+from femb.io import atomic_path, file_sha256
 from femb.weights import OnnxBackbone, infer_backbone, load_backbone
 
 INPUT_NAME = "data"
@@ -329,8 +328,4 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)

@@ -26,7 +26,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from femb.errors import FembError
-from femb.io import atomic_path, write_json
+from femb.io import atomic_path, file_sha256, write_json
 
 FORMAT = "femb-checkpoint/1"
 LAST, PREVIOUS, BEST = "last.ckpt", "previous.ckpt", "best.ckpt"
@@ -75,15 +75,6 @@ def save_verified(
     return digest
 
 
-def file_sha256(path: Path | str) -> str:
-    """The sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # sha256 of files this process wrote or hashed, by (device, inode, size, mtime): a rename keeps the key, so
 # a rotated checkpoint is not hashed again.
 _KNOWN: dict[tuple[int, int, int, int], str] = {}
@@ -98,7 +89,8 @@ def _remember(path: Path, sha256: str) -> None:
     _KNOWN[_key(path)] = sha256
 
 
-def _sha256_of(path: Path) -> str:
+def cached_sha256(path: Path) -> str:
+    """A file's sha256, hashed once per process while its inode, size and mtime stay the same."""
     key = _key(path)
     if key not in _KNOWN:
         _KNOWN[key] = file_sha256(path)
@@ -164,14 +156,14 @@ def verify(path: Path | str) -> Checkpoint:
         raise CheckpointDamaged(
             f"is {size:,} bytes, its record says {record.get('bytes')!r} (truncated or replaced)"
         )
-    if _sha256_of(path) != record["sha256"]:
+    if cached_sha256(path) != record["sha256"]:
         raise CheckpointDamaged("its sha256 does not match its record (corrupt or replaced)")
     shards = record.get("partial_fc") or {}
     for name, sha256 in shards.items():
         shard = path.parent / SHARD_DIR / name
         if not shard.is_file():
             raise CheckpointDamaged(f"its partial FC shard {shard} is missing")
-        if _sha256_of(shard) != sha256:
+        if cached_sha256(shard) != sha256:
             raise CheckpointDamaged(f"its partial FC shard {shard} does not match its recorded sha256")
     step = record.get("step")
     return Checkpoint(path, step if isinstance(step, int) else 0, record.get("fingerprint"), record)

@@ -96,11 +96,13 @@ class Preemption(L.Callback):
         self.requeue = SLURMEnvironment.detect() if requeue is None else requeue
         self.received: int = 0
         self._previous: dict[int, Any] = {}
+        self._step: int | None = None  # the optimizer step last checked
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = self.received or signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return  # signals reach only the main thread; nothing to install
         for signum in SIGNALS:
@@ -120,6 +122,9 @@ class Preemption(L.Callback):
         self._restore()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._step:  # mid gradient accumulation: not a step boundary
+            return
+        self._step = trainer.global_step  # every rank reaches each step once: the reduce below pairs up
         received = self.received
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             flag = torch.tensor([received], dtype=torch.int64, device=pl_module.device)

@@ -32,6 +32,7 @@ from femb.training.checkpoints import (
     OtherRunCheckpoint,
     RunRecord,
     VerifiedCheckpointIO,
+    cached_sha256,
     choose_resume,
     read_record,
     remove_run,
@@ -129,11 +130,7 @@ def run_fingerprint(params: Params) -> str:
 def _init_weights_sha256(path: Path) -> str:
     if not path.is_file():
         raise FembError(f"train.init_weights: {path}: no such weights file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return cached_sha256(path)  # hashed once per process: the fingerprint is asked for more than once
 
 
 def init_backbone(module: FaceRecognitionModule, params: Params) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from femb.io import TEMP_NAME
+from femb.io import TEMP_NAME, atomic_path
 from femb.training.checkpoints import LAST, record_path
 
 
@@ -45,15 +45,11 @@ def mirror(source: Path | str, target: Path | str) -> None:
         have = present.get(name)
         if have is not None and (have.st_ino, have.st_dev) == (wanted[name].st_ino, wanted[name].st_dev):
             continue
-        destination = target / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = destination.with_name(f".{destination.name}.{os.getpid()}-00000000.tmp")
-        staging.unlink(missing_ok=True)
-        try:
-            os.link(source / name, staging)
-        except OSError:  # another file system, or no hard links there
-            shutil.copy2(source / name, staging)
-        os.replace(staging, destination)
+        with atomic_path(target / name, sync=False) as staging:
+            try:
+                os.link(source / name, staging)
+            except OSError:  # another file system, or no hard links there
+                shutil.copy2(source / name, staging)
     for name in set(present) - set(wanted):
         (target / name).unlink(missing_ok=True)
 
